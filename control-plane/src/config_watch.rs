@@ -1,0 +1,148 @@
+//! Keeps the served snapshot in step with the configuration directory.
+//!
+//! ```text
+//! inotify events ─▶ Notify ─▶ wait until quiet for `debounce` ─▶ ConfigDir::load
+//!                                                    ─▶ resources::compute ─▶ watch::Sender
+//! ```
+//!
+//! A read with problems logs each one as `file:line: reason`; documents that are still
+//! good are served, and a file with problems keeps its last good version in force.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use notify::{RecursiveMode, Watcher};
+use serde::Serialize;
+use tokio::sync::{Notify, watch};
+
+use crate::metrics as m;
+use crate::resources;
+use crate::snapshot::Snapshot;
+use crate::source::ConfigDir;
+
+/// The state of the configuration, served as JSON on the admin `/config` page.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ConfigStatus {
+    /// The directory read.
+    pub dir: String,
+    /// Type-level versions in force: `service=… endpoints=… inbound_policy=…`.
+    pub versions: String,
+    /// Resources served per type.
+    pub counts: String,
+    /// Problems found by the latest read, each `file:line: reason`. Empty when clean.
+    pub errors: Vec<String>,
+    /// Reads so far.
+    pub reloads: u64,
+}
+
+/// Shared [`ConfigStatus`].
+pub type SharedStatus = Arc<Mutex<ConfigStatus>>;
+
+/// Reads `dir` once now, publishes the snapshot, then re-reads it `debounce` after the
+/// last change seen and publishes what changed. Runs until the process ends.
+///
+/// # Errors
+/// When the directory cannot be watched (it does not exist, or inotify is exhausted).
+pub async fn run(
+    dir: PathBuf,
+    snapshots: watch::Sender<Arc<Snapshot>>,
+    status: SharedStatus,
+    debounce: Duration,
+) -> anyhow::Result<()> {
+    let changed = Arc::new(Notify::new());
+    let notify = changed.clone();
+    let mut watcher =
+        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+            Ok(e) if e.kind.is_access() => {}
+            Ok(_) => notify.notify_one(),
+            Err(e) => tracing::warn!(error = %e, "file watch error; re-reading the directory"),
+        })
+        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+    watcher
+        .watch(&dir, RecursiveMode::Recursive)
+        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+
+    let mut source = ConfigDir::new(dir);
+    reload(&mut source, &snapshots, &status);
+    loop {
+        changed.notified().await;
+        // Debounce: editors and `cp -r` produce bursts of events; read once it is quiet.
+        while tokio::time::timeout(debounce, changed.notified())
+            .await
+            .is_ok()
+        {}
+        reload(&mut source, &snapshots, &status);
+    }
+}
+
+/// Reads the directory once and publishes the snapshot if it changed.
+pub fn reload(
+    source: &mut ConfigDir,
+    snapshots: &watch::Sender<Arc<Snapshot>>,
+    status: &SharedStatus,
+) {
+    let dir = source.root().display().to_string();
+    let loaded = match source.load() {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::error!("cannot read {dir}: {e}; the last good configuration stays in force");
+            record(
+                status,
+                &dir,
+                vec![format!("{dir}: cannot read: {e}")],
+                snapshots,
+            );
+            return;
+        }
+    };
+    let mut errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+    match resources::compute(&loaded.documents) {
+        Ok(snapshot) => {
+            let changed = snapshots.send_if_modified(|current| {
+                if **current == snapshot {
+                    false
+                } else {
+                    *current = Arc::new(snapshot);
+                    true
+                }
+            });
+            if changed {
+                let s = snapshots.borrow();
+                tracing::info!(versions = %s.versions(), resources = %s.counts(), "configuration published");
+            }
+        }
+        Err(errs) => {
+            errors.extend(
+                errs.iter()
+                    .map(|e| format!("{e} (the last good configuration stays in force)")),
+            );
+        }
+    }
+    for e in &errors {
+        tracing::error!("{e}");
+    }
+    record(status, &dir, errors, snapshots);
+}
+
+fn record(
+    status: &SharedStatus,
+    dir: &str,
+    errors: Vec<String>,
+    snapshots: &watch::Sender<Arc<Snapshot>>,
+) {
+    let result = if errors.is_empty() { "ok" } else { "error" };
+    metrics::counter!(m::CONFIG_RELOADS, "result" => result).increment(1);
+    metrics::gauge!(m::CONFIG_ERRORS).set(errors.len() as f64);
+    let snap = snapshots.borrow();
+    for t in crate::snapshot::TYPE_URLS {
+        let n = snap.get(t).map_or(0, |s| s.resources.len());
+        metrics::gauge!(m::RESOURCES, "type" => wary_proto::kind_of(t)).set(n as f64);
+    }
+    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
+    s.dir = dir.to_string();
+    s.versions = snap.versions();
+    s.counts = snap.counts();
+    s.errors = errors;
+    s.reloads += 1;
+}

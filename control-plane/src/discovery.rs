@@ -1,0 +1,438 @@
+//! The discovery server: one task per proxy stream, sending each proxy what it lacks.
+//!
+//! ```text
+//!            snapshots (watch) ──────────────┐
+//!                                            ▼
+//! proxy ──requests──▶ stream task: per type {subscription, sent versions, nonce}
+//!       ◀─responses──     │  diff(snapshot, what the proxy holds) → changed + removed
+//!                         ▼
+//!                   ProxyRegistry (acked version, last NACK) → /proxies, metrics
+//! ```
+//!
+//! Versions are content hashes (see [`crate::snapshot`]); what a proxy holds is tracked
+//! by name → version, seeded from `initial_resource_versions` on reconnect, so after the
+//! first response only what changed travels.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use futures::Stream;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use wary_proto::discovery::discovery_server::Discovery;
+use wary_proto::discovery::{DiscoveryRequest, DiscoveryResponse, Node};
+use wary_proto::{WILDCARD, kind_of};
+
+use crate::metrics as m;
+use crate::snapshot::{Snapshot, TypeSnapshot};
+
+/// What the control plane knows of one connected proxy, served as JSON on `/proxies`.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct ProxyStatus {
+    /// The proxy's `Node.id`.
+    pub id: String,
+    /// Its workload and namespace, as it announced them.
+    pub workload: String,
+    /// Namespace (`default` when unset).
+    pub namespace: String,
+    /// Its build version.
+    pub proxy_version: String,
+    /// Its remote address.
+    pub peer: String,
+    /// When the stream opened, seconds since the Unix epoch.
+    pub connected_at: u64,
+    /// Per resource kind (`service`, `endpoints`, `inbound_policy`).
+    pub types: BTreeMap<&'static str, TypeStatus>,
+}
+
+/// One proxy's state for one resource type.
+#[derive(Debug, Clone, Serialize, Default)]
+pub struct TypeStatus {
+    /// The names subscribed to (`*` for all).
+    pub subscribed: Vec<String>,
+    /// The version of the last response sent.
+    pub sent_version: String,
+    /// The version the proxy last acknowledged.
+    pub acked_version: String,
+    /// ACKs received.
+    pub acks: u64,
+    /// NACKs received.
+    pub nacks: u64,
+    /// The most recent NACK, if any.
+    pub last_nack: Option<Nack>,
+}
+
+/// A rejected response.
+#[derive(Debug, Clone, Serialize)]
+pub struct Nack {
+    /// The nonce of the rejected response.
+    pub nonce: String,
+    /// The version the proxy rejected.
+    pub rejected_version: String,
+    /// The version it kept.
+    pub kept_version: String,
+    /// The proxy's reason.
+    pub reason: String,
+    /// The resources it rejected.
+    pub rejected_resources: Vec<String>,
+    /// When, seconds since the Unix epoch.
+    pub at: u64,
+}
+
+/// Connected proxies, by stream id.
+#[derive(Debug, Default)]
+pub struct ProxyRegistry {
+    proxies: Mutex<BTreeMap<u64, ProxyStatus>>,
+}
+
+impl ProxyRegistry {
+    /// Every connected proxy.
+    pub fn list(&self) -> Vec<ProxyStatus> {
+        self.lock().values().cloned().collect()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ProxyStatus>> {
+        // A panic while holding this lock cannot leave the table inconsistent in a way
+        // that matters more than losing the admin view, so recover from poisoning.
+        self.proxies.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn update(&self, stream: u64, f: impl FnOnce(&mut ProxyStatus)) {
+        if let Some(p) = self.lock().get_mut(&stream) {
+            f(p);
+        }
+    }
+
+    fn insert(&self, stream: u64, status: ProxyStatus) {
+        let mut proxies = self.lock();
+        proxies.insert(stream, status);
+        metrics::gauge!(m::CONNECTED_PROXIES).set(proxies.len() as f64);
+    }
+
+    fn remove(&self, stream: u64) {
+        let mut proxies = self.lock();
+        proxies.remove(&stream);
+        metrics::gauge!(m::CONNECTED_PROXIES).set(proxies.len() as f64);
+    }
+}
+
+/// The `Discovery` gRPC service.
+pub struct DiscoveryService {
+    snapshots: watch::Receiver<Arc<Snapshot>>,
+    registry: Arc<ProxyRegistry>,
+    next_stream: AtomicU64,
+    id: String,
+}
+
+impl DiscoveryService {
+    /// Serves the snapshots published on `snapshots`; `id` names this replica in
+    /// responses.
+    pub fn new(
+        snapshots: watch::Receiver<Arc<Snapshot>>,
+        registry: Arc<ProxyRegistry>,
+        id: String,
+    ) -> Self {
+        Self {
+            snapshots,
+            registry,
+            next_stream: AtomicU64::new(1),
+            id,
+        }
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl Discovery for DiscoveryService {
+    type StreamStream = ResponseStream;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<ResponseStream>, Status> {
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let (tx, rx) = mpsc::channel(16);
+        let stream = ProxyStream {
+            id: self.next_stream.fetch_add(1, Ordering::Relaxed),
+            peer,
+            control_plane_id: self.id.clone(),
+            registry: self.registry.clone(),
+            tx,
+            types: HashMap::new(),
+            nonce: 0,
+            node: None,
+        };
+        tokio::spawn(stream.run(request.into_inner(), self.snapshots.clone()));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One proxy's stream.
+struct ProxyStream {
+    id: u64,
+    peer: String,
+    control_plane_id: String,
+    registry: Arc<ProxyRegistry>,
+    tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    types: HashMap<String, TypeStream>,
+    nonce: u64,
+    node: Option<Node>,
+}
+
+/// One resource type on one stream.
+#[derive(Default)]
+struct TypeStream {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// What the proxy holds or has been sent: name → version.
+    held: HashMap<String, String>,
+    /// The nonce of the latest response; ACK/NACKs of older ones are stale.
+    nonce: String,
+    sent_version: String,
+}
+
+impl TypeStream {
+    fn subscribed(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+/// Ends a stream: the proxy went away, or broke the protocol (the status says how).
+enum End {
+    Closed,
+    Refused(Status),
+}
+
+impl ProxyStream {
+    async fn run(
+        mut self,
+        mut incoming: Streaming<DiscoveryRequest>,
+        mut snapshots: watch::Receiver<Arc<Snapshot>>,
+    ) {
+        let mut snapshot = snapshots.borrow_and_update().clone();
+        let end = loop {
+            let step = tokio::select! {
+                msg = incoming.message() => match msg {
+                    Ok(Some(req)) => self.on_request(req, &snapshot).await,
+                    Ok(None) => Err(End::Closed),
+                    Err(status) => {
+                        tracing::debug!(stream = self.id, %status, "discovery stream broke");
+                        Err(End::Closed)
+                    }
+                },
+                changed = snapshots.changed() => match changed {
+                    Ok(()) => {
+                        snapshot = snapshots.borrow_and_update().clone();
+                        self.push_all(&snapshot).await
+                    }
+                    Err(_) => Err(End::Closed),
+                },
+            };
+            if let Err(end) = step {
+                break end;
+            }
+        };
+        if let End::Refused(status) = end {
+            tracing::warn!(stream = self.id, peer = %self.peer, %status, "refused a discovery stream");
+            let _ = self.tx.send(Err(status)).await;
+        }
+        if let Some(node) = &self.node {
+            tracing::info!(proxy = %node.id, peer = %self.peer, "proxy disconnected");
+        }
+        self.registry.remove(self.id);
+    }
+
+    async fn on_request(&mut self, req: DiscoveryRequest, snapshot: &Snapshot) -> Result<(), End> {
+        if self.node.is_none() {
+            let node = req.node.clone().unwrap_or_default();
+            if node.id.is_empty() {
+                return Err(End::Refused(Status::invalid_argument(
+                    "the first DiscoveryRequest of a stream must carry node.id (a unique name for the proxy)",
+                )));
+            }
+            tracing::info!(proxy = %node.id, workload = %node.workload, peer = %self.peer, "proxy connected");
+            self.registry.insert(
+                self.id,
+                ProxyStatus {
+                    id: node.id.clone(),
+                    workload: node.workload.clone(),
+                    namespace: if node.namespace.is_empty() {
+                        "default".into()
+                    } else {
+                        node.namespace.clone()
+                    },
+                    proxy_version: node.proxy_version.clone(),
+                    peer: self.peer.clone(),
+                    connected_at: unix_now(),
+                    types: BTreeMap::new(),
+                },
+            );
+            self.node = Some(node);
+        }
+        let Some(types) = snapshot.get(&req.type_url) else {
+            return Err(End::Refused(Status::invalid_argument(format!(
+                "unknown type_url {:?}: this control plane serves {}",
+                req.type_url,
+                crate::snapshot::TYPE_URLS.join(", ")
+            ))));
+        };
+        let kind = kind_of(&req.type_url);
+        let first = !self.types.contains_key(&req.type_url);
+        let ts = self.types.entry(req.type_url.clone()).or_default();
+        if first {
+            ts.held = req.initial_resource_versions.into_iter().collect();
+        }
+        if !req.response_nonce.is_empty() {
+            if req.response_nonce != ts.nonce {
+                // An answer to a response that a newer one has superseded: the newer
+                // response's ACK/NACK will follow (xDS semantics).
+                tracing::debug!(stream = self.id, kind, nonce = %req.response_nonce, "ignoring stale ACK/NACK");
+            } else if let Some(err) = req.error_detail {
+                metrics::counter!(m::NACKS, "type" => kind).increment(1);
+                let proxy = self
+                    .node
+                    .as_ref()
+                    .map(|n| n.id.as_str())
+                    .unwrap_or_default();
+                tracing::warn!(
+                    proxy, kind, nonce = %req.response_nonce, rejected_version = %ts.sent_version,
+                    kept_version = %req.version_info, rejected = ?err.rejected_resources,
+                    reason = %err.message, "proxy NACKed an update"
+                );
+                let nack = Nack {
+                    nonce: req.response_nonce.clone(),
+                    rejected_version: ts.sent_version.clone(),
+                    kept_version: req.version_info.clone(),
+                    reason: err.message,
+                    rejected_resources: err.rejected_resources,
+                    at: unix_now(),
+                };
+                self.registry.update(self.id, |p| {
+                    let t = p.types.entry(kind).or_default();
+                    t.nacks += 1;
+                    t.acked_version = nack.kept_version.clone();
+                    t.last_nack = Some(nack);
+                });
+            } else {
+                metrics::counter!(m::ACKS, "type" => kind).increment(1);
+                tracing::debug!(stream = self.id, kind, version = %req.version_info, "ACK");
+                self.registry.update(self.id, |p| {
+                    let t = p.types.entry(kind).or_default();
+                    t.acks += 1;
+                    t.acked_version = req.version_info.clone();
+                });
+            }
+        }
+        let mut changed = first;
+        for name in req.resource_names_subscribe {
+            changed = true;
+            if name == WILDCARD {
+                ts.wildcard = true;
+            } else {
+                ts.names.insert(name);
+            }
+        }
+        for name in req.resource_names_unsubscribe {
+            if name == WILDCARD {
+                ts.wildcard = false;
+            } else {
+                ts.names.remove(&name);
+            }
+            // The proxy drops what it unsubscribed from itself (delta xDS).
+            let (wildcard, names) = (ts.wildcard, &ts.names);
+            ts.held.retain(|n, _| wildcard || names.contains(n));
+        }
+        let subscribed: Vec<String> = ts
+            .wildcard
+            .then(|| WILDCARD.to_string())
+            .into_iter()
+            .chain(ts.names.iter().cloned())
+            .collect();
+        self.registry.update(self.id, |p| {
+            p.types.entry(kind).or_default().subscribed = subscribed
+        });
+        if changed {
+            // The first request of a type is always answered, even with nothing, so the
+            // proxy knows it is in sync.
+            self.push(&req.type_url, types, first).await?;
+        }
+        Ok(())
+    }
+
+    async fn push_all(&mut self, snapshot: &Snapshot) -> Result<(), End> {
+        let type_urls: Vec<String> = self.types.keys().cloned().collect();
+        for type_url in type_urls {
+            if let Some(types) = snapshot.get(&type_url) {
+                self.push(&type_url, types, false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends what the proxy lacks of one type: changed resources and removed names.
+    async fn push(&mut self, type_url: &str, snap: &TypeSnapshot, always: bool) -> Result<(), End> {
+        let Some(ts) = self.types.get_mut(type_url) else {
+            return Ok(());
+        };
+        let resources: Vec<_> = snap
+            .resources
+            .iter()
+            .filter(|(name, r)| ts.subscribed(name) && ts.held.get(*name) != Some(&r.version))
+            .map(|(_, r)| r.as_ref().clone())
+            .collect();
+        let removed: Vec<String> = ts
+            .held
+            .keys()
+            .filter(|name| !snap.resources.contains_key(*name) || !ts.subscribed(name))
+            .cloned()
+            .collect();
+        if resources.is_empty() && removed.is_empty() && !always {
+            return Ok(());
+        }
+        for name in &removed {
+            ts.held.remove(name);
+        }
+        for r in &resources {
+            ts.held.insert(r.name.clone(), r.version.clone());
+        }
+        self.nonce += 1;
+        ts.nonce = self.nonce.to_string();
+        ts.sent_version = snap.version.clone();
+        let kind = kind_of(type_url);
+        metrics::counter!(m::RESPONSES, "type" => kind).increment(1);
+        metrics::counter!(m::RESOURCES_SENT, "type" => kind).increment(resources.len() as u64);
+        tracing::debug!(
+            stream = self.id, kind, version = %snap.version, changed = resources.len(),
+            removed = removed.len(), "push"
+        );
+        let version = snap.version.clone();
+        self.registry.update(self.id, |p| {
+            p.types.entry(kind).or_default().sent_version = version
+        });
+        let response = DiscoveryResponse {
+            type_url: type_url.to_string(),
+            version_info: snap.version.clone(),
+            nonce: ts.nonce.clone(),
+            resources,
+            removed_resources: removed,
+            control_plane_id: self.control_plane_id.clone(),
+        };
+        self.tx.send(Ok(response)).await.map_err(|_| End::Closed)
+    }
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}

@@ -1,0 +1,145 @@
+//! The `wary-control-plane` binary.
+
+#![forbid(unsafe_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use wary_control_plane::{admin::Admin, config_watch, discovery, metrics as m, snapshot::Snapshot};
+use wary_proto::discovery::discovery_server::DiscoveryServer;
+
+/// Wary's control plane: serves topology and policy to every proxy.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Read topology and policy from this directory of YAML documents, and watch it.
+    #[arg(long, env = "WARY_CONFIG_DIR", required_unless_present = "kubernetes")]
+    config_dir: Option<PathBuf>,
+    /// Read topology and policy from the Kubernetes API (in a cluster).
+    #[arg(long, conflicts_with = "config_dir")]
+    kubernetes: bool,
+    /// Address of the discovery (gRPC) server. Port 0 picks a free port.
+    #[arg(long, env = "WARY_DISCOVERY_ADDR", default_value = "127.0.0.1:8086")]
+    discovery_addr: SocketAddr,
+    /// Address of the admin server (/metrics, /ready, /config, /proxies).
+    #[arg(long, env = "WARY_ADMIN_ADDR", default_value = "127.0.0.1:9990")]
+    admin_addr: SocketAddr,
+    /// Quiet time after the last file change before the directory is re-read, in ms.
+    #[arg(long, env = "WARY_DEBOUNCE_MS", default_value_t = 100)]
+    debounce_ms: u64,
+    /// Log format: `text` or `json`. The level is set with RUST_LOG (default `info`).
+    #[arg(long, env = "WARY_LOG_FORMAT", default_value = "text")]
+    log_format: String,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_logging(&args.log_format)?;
+    let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .context("cannot install the metrics recorder")?;
+    m::describe();
+
+    if args.kubernetes {
+        bail!("--kubernetes is not available in this build yet: run with --config-dir DIR");
+    }
+    let dir = args.config_dir.context("--config-dir is required")?;
+    if !dir.is_dir() {
+        bail!(
+            "--config-dir {}: not a directory; point it at a directory of YAML documents (e.g. examples/quickstart)",
+            dir.display()
+        );
+    }
+
+    let (snapshots, rx) = watch::channel(Arc::new(Snapshot::default()));
+    let status = config_watch::SharedStatus::default();
+    // The first read happens before the servers start, so the first proxy gets the
+    // configuration rather than an empty state.
+    let mut source = wary_control_plane::source::ConfigDir::new(&dir);
+    config_watch::reload(&mut source, &snapshots, &status);
+    let watch_task = tokio::spawn(config_watch::run(
+        dir.clone(),
+        snapshots,
+        status.clone(),
+        Duration::from_millis(args.debounce_ms),
+    ));
+
+    let registry = Arc::new(discovery::ProxyRegistry::default());
+    let discovery_listener = TcpListener::bind(args.discovery_addr)
+        .await
+        .with_context(|| format!("cannot listen on {} for discovery: is another control plane running? Pick another with --discovery-addr", args.discovery_addr))?;
+    let admin_listener = TcpListener::bind(args.admin_addr).await.with_context(|| {
+        format!(
+            "cannot listen on {} for admin: pick another with --admin-addr",
+            args.admin_addr
+        )
+    })?;
+    let discovery_addr = discovery_listener.local_addr()?;
+    let admin_addr = admin_listener.local_addr()?;
+
+    let id = format!("wary-control-plane/{}", std::process::id());
+    let service = discovery::DiscoveryService::new(rx, registry.clone(), id);
+    let admin = Admin {
+        prometheus,
+        registry,
+        status,
+    };
+    tokio::spawn(admin.serve(admin_listener));
+
+    tracing::info!(%discovery_addr, %admin_addr, dir = %dir.display(), "control plane serving");
+    // One machine-readable line on stdout, for scripts and tests that pick port 0.
+    println!("wary-control-plane discovery={discovery_addr} admin={admin_addr}");
+
+    let server = tonic::transport::Server::builder()
+        // Find proxies that vanished without closing (the network fails).
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .tcp_keepalive(Some(Duration::from_secs(30)))
+        .add_service(DiscoveryServer::new(service))
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(discovery_listener),
+            shutdown_signal(),
+        );
+    tokio::select! {
+        r = server => r.context("discovery server failed")?,
+        r = watch_task => match r {
+            Ok(Err(e)) => return Err(e),
+            _ => bail!("the configuration watcher stopped"),
+        },
+    }
+    tracing::info!("control plane stopped");
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => return std::future::pending().await,
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+}
+
+fn init_logging(format: &str) -> anyhow::Result<()> {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        "text" => builder.init(),
+        "json" => builder.json().init(),
+        other => bail!("--log-format {other:?}: use text or json"),
+    }
+    Ok(())
+}

@@ -1,0 +1,67 @@
+//! The control plane's metrics: every name in one place, each with its help text.
+//! Labels are bounded: `type` is one of `service`, `endpoints`, `inbound_policy`;
+//! `result` is `ok` or `error`. Per-proxy detail is on the admin `/proxies` page, not in
+//! labels, so the series count does not grow with the mesh.
+
+use metrics::{Unit, describe_counter, describe_gauge};
+
+/// Gauge: proxies with an open discovery stream.
+pub const CONNECTED_PROXIES: &str = "wary_control_plane_connected_proxies";
+/// Counter, by `type`: discovery responses sent.
+pub const RESPONSES: &str = "wary_control_plane_discovery_responses_total";
+/// Counter, by `type`: resources sent in discovery responses.
+pub const RESOURCES_SENT: &str = "wary_control_plane_discovery_resources_sent_total";
+/// Counter, by `type`: ACKs received.
+pub const ACKS: &str = "wary_control_plane_discovery_acks_total";
+/// Counter, by `type`: NACKs received.
+pub const NACKS: &str = "wary_control_plane_discovery_nacks_total";
+/// Counter, by `result`: reads of the configuration.
+pub const CONFIG_RELOADS: &str = "wary_control_plane_config_reloads_total";
+/// Gauge: problems found in the configuration by the latest read (0 when clean).
+pub const CONFIG_ERRORS: &str = "wary_control_plane_config_errors";
+/// Gauge: resources served, by `type`.
+pub const RESOURCES: &str = "wary_control_plane_resources";
+
+/// Registers the help text and unit of every metric.
+pub fn describe() {
+    describe_gauge!(
+        CONNECTED_PROXIES,
+        Unit::Count,
+        "Proxies with an open discovery stream."
+    );
+    describe_counter!(
+        RESPONSES,
+        Unit::Count,
+        "Discovery responses sent, by resource type."
+    );
+    describe_counter!(
+        RESOURCES_SENT,
+        Unit::Count,
+        "Resources sent in discovery responses, by resource type."
+    );
+    describe_counter!(
+        ACKS,
+        Unit::Count,
+        "Discovery responses acknowledged (ACK) by proxies, by resource type."
+    );
+    describe_counter!(
+        NACKS,
+        Unit::Count,
+        "Discovery responses rejected (NACK) by proxies, by resource type; see /proxies for reasons."
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        Unit::Count,
+        "Reads of the configuration, by result (ok, error)."
+    );
+    describe_gauge!(
+        CONFIG_ERRORS,
+        Unit::Count,
+        "Problems found by the latest read of the configuration; the last good state stays in force."
+    );
+    describe_gauge!(
+        RESOURCES,
+        Unit::Count,
+        "Resources served, by resource type."
+    );
+}
