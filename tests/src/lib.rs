@@ -1,1 +1,455 @@
+//! A small harness for end-to-end tests: real `wary-control-plane` and `wary-proxy`
+//! processes on loopback, a real discovery client, and `curl` for admin pages.
+//!
+//! ```ignore
+//! let mesh = MeshDir::new().file("orders.yaml", &service("orders", 80));
+//! let cp = ControlPlane::start(mesh.path()).await;
+//! let client = Client::connect(&cp.discovery_url()).await;
+//! client.wait_for("orders is known", |s| s.service("orders.default").is_some()).await;
+//! ```
+//!
+//! Every wait is on a condition with a generous deadline ([`DEADLINE`]); nothing sleeps
+//! for a fixed time.
 
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::Notify;
+use wary_proto::discovery::Node;
+use wary_proxy::discovery::{DiscoveryConfig, ExtraCheck};
+use wary_proxy::state::{Cache, DiscoveryState};
+
+/// How long any condition may take before a test fails: generous, because this runs
+/// on busy two-core machines. Tight timing belongs in `benches/`.
+pub const DEADLINE: Duration = Duration::from_secs(20);
+
+/// Builds the workspace binaries once per test process, so tests never run stale ones.
+fn ensure_built() {
+    static BUILD: Once = Once::new();
+    BUILD.call_once(|| {
+        let root = workspace_root();
+        let mut cmd = std::process::Command::new(env!("CARGO"));
+        cmd.current_dir(&root).args([
+            "build",
+            "--quiet",
+            "--bins",
+            "-p",
+            "wary-control-plane",
+            "-p",
+            "wary-proxy",
+        ]);
+        if profile_dir().ends_with("release") {
+            cmd.arg("--release");
+        }
+        let status = cmd.status().expect("run cargo build for the binaries");
+        assert!(status.success(), "cargo build of the wary binaries failed");
+    });
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// `target/<profile>`: the test executable lives in `target/<profile>/deps`.
+fn profile_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target/<profile>")
+        .to_path_buf()
+}
+
+/// The path of a workspace binary, built if needed.
+pub fn binary(name: &str) -> PathBuf {
+    ensure_built();
+    let path = profile_dir().join(name);
+    assert!(path.exists(), "{} was not built", path.display());
+    path
+}
+
+/// Log lines of a child process, shared with the task that reads them.
+#[derive(Clone, Default)]
+pub struct Logs {
+    lines: Arc<Mutex<Vec<String>>>,
+    added: Arc<Notify>,
+}
+
+impl Logs {
+    fn follow(&self, name: String, stream: impl tokio::io::AsyncRead + Unpin + Send + 'static) {
+        let logs = self.clone();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stream).lines();
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[{name}] {line}");
+                logs.lines.lock().unwrap().push(line);
+                logs.added.notify_waiters();
+            }
+        });
+    }
+
+    /// Every line so far.
+    pub fn all(&self) -> Vec<String> {
+        self.lines.lock().unwrap().clone()
+    }
+
+    /// Waits until a line contains every one of `needles`, and returns it.
+    pub async fn wait_for(&self, needles: &[&str]) -> String {
+        let found = || {
+            self.lines
+                .lock()
+                .unwrap()
+                .iter()
+                .find(|l| needles.iter().all(|n| l.contains(n)))
+                .cloned()
+        };
+        let wait = async {
+            loop {
+                let added = self.added.notified();
+                if let Some(line) = found() {
+                    return line;
+                }
+                added.await;
+            }
+        };
+        tokio::time::timeout(DEADLINE, wait)
+            .await
+            .unwrap_or_else(|_| panic!("no log line with {needles:?} within {DEADLINE:?}"))
+    }
+}
+
+/// A running `wary-control-plane`, killed on drop.
+pub struct ControlPlane {
+    child: Child,
+    /// The discovery server's address.
+    pub discovery: SocketAddr,
+    /// The admin server's address.
+    pub admin: SocketAddr,
+    /// Its stderr (logs), line by line.
+    pub logs: Logs,
+}
+
+impl ControlPlane {
+    /// Starts a control plane on `dir`, on free ports.
+    pub async fn start(dir: &Path) -> Self {
+        Self::start_at(dir, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts a control plane on `dir` with its discovery server on `discovery`.
+    pub async fn start_at(dir: &Path, discovery: SocketAddr) -> Self {
+        let mut child = Command::new(binary("wary-control-plane"))
+            .arg("--config-dir")
+            .arg(dir)
+            .args([
+                "--discovery-addr",
+                &discovery.to_string(),
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "info,wary_control_plane=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start wary-control-plane");
+        let logs = Logs::default();
+        logs.follow("control-plane".into(), child.stderr.take().unwrap());
+        let line = first_line(&mut child).await;
+        let addr = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        };
+        Self {
+            discovery: addr("discovery="),
+            admin: addr("admin="),
+            child,
+            logs,
+        }
+    }
+
+    /// `http://<discovery address>`.
+    pub fn discovery_url(&self) -> String {
+        format!("http://{}", self.discovery)
+    }
+
+    /// GETs an admin page.
+    pub async fn admin_get(&self, path: &str) -> String {
+        curl(&format!("http://{}{path}", self.admin)).await
+    }
+
+    /// The `/config` page, parsed.
+    pub async fn config_status(&self) -> serde_json::Value {
+        serde_json::from_str(&self.admin_get("/config").await).expect("/config is JSON")
+    }
+
+    /// Kills the process (SIGKILL: no goodbye to the proxies) and waits for it.
+    pub async fn kill(mut self) {
+        self.child.kill().await.expect("kill the control plane");
+    }
+}
+
+async fn first_line(child: &mut Child) -> String {
+    let stdout = child.stdout.take().expect("stdout");
+    let mut lines = BufReader::new(stdout).lines();
+    let line = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .expect("the process printed its addresses in time")
+        .expect("read stdout")
+        .expect("the process exited before printing its addresses");
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    line
+}
+
+/// A running `wary-proxy`, killed on drop.
+pub struct Proxy {
+    _child: Child,
+    /// Its admin server's address.
+    pub admin: SocketAddr,
+    /// Its stderr (logs).
+    pub logs: Logs,
+}
+
+impl Proxy {
+    /// Starts a proxy for `workload` (may be empty) against the control plane URL.
+    pub async fn start(control_plane: &str, workload: &str) -> Self {
+        let mut child = Command::new(binary("wary-proxy"))
+            .args([
+                "--control-plane",
+                control_plane,
+                "--workload",
+                workload,
+                "--admin-addr",
+                "127.0.0.1:0",
+            ])
+            .env("RUST_LOG", "info,wary_proxy=debug")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("start wary-proxy");
+        let logs = Logs::default();
+        logs.follow(format!("proxy {workload}"), child.stderr.take().unwrap());
+        let line = first_line(&mut child).await;
+        let admin = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("admin="))
+            .and_then(|a| a.parse().ok())
+            .unwrap_or_else(|| panic!("no admin= in {line:?}"));
+        Self {
+            _child: child,
+            admin,
+            logs,
+        }
+    }
+
+    /// GETs an admin page; returns the status code and body.
+    pub async fn admin_get(&self, path: &str) -> String {
+        curl(&format!("http://{}{path}", self.admin)).await
+    }
+
+    /// The `/config_dump` page, parsed.
+    pub async fn config_dump(&self) -> serde_json::Value {
+        serde_json::from_str(&self.admin_get("/config_dump").await).expect("/config_dump is JSON")
+    }
+
+    /// Waits until `/config_dump` satisfies `cond`.
+    pub async fn wait_for_dump(
+        &self,
+        what: &str,
+        cond: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        wait_until(what, || async {
+            let dump = self.config_dump().await;
+            cond(&dump).then_some(dump)
+        })
+        .await
+    }
+}
+
+/// GETs a URL with curl; returns `<status> <body>` so callers can assert on both.
+pub async fn curl(url: &str) -> String {
+    let out = Command::new("curl")
+        .args(["-sS", "--max-time", "5", "-w", "\n%{http_code}", url])
+        .output()
+        .await
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let (body, code) = text.rsplit_once('\n').unwrap_or(("", &text));
+    if code == "200" {
+        body.to_string()
+    } else {
+        format!("HTTP {code}: {body}")
+    }
+}
+
+/// Polls an async condition until it yields a value, within [`DEADLINE`]. For state that
+/// only a poll can see (another process's admin page).
+pub async fn wait_until<T, F, Fut>(what: &str, mut poll: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let wait = async {
+        let mut interval = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            interval.tick().await;
+            if let Some(v) = poll().await {
+                return v;
+            }
+        }
+    };
+    tokio::time::timeout(DEADLINE, wait)
+        .await
+        .unwrap_or_else(|_| panic!("timed out after {DEADLINE:?} waiting for {what}"))
+}
+
+/// A real discovery client (the proxy's own) running in the test process.
+pub struct Client {
+    /// The state it holds.
+    pub cache: Arc<Cache>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Client {
+    /// Connects as proxy `id` with the default checks.
+    pub fn connect(url: &str, id: &str) -> Self {
+        Self::connect_with(url, id, None)
+    }
+
+    /// Connects as proxy `id`, with an extra resource check (to provoke NACKs).
+    pub fn connect_with(url: &str, id: &str, extra_check: Option<ExtraCheck>) -> Self {
+        let node = Node {
+            id: id.to_string(),
+            ..Default::default()
+        };
+        let mut config = DiscoveryConfig::new(url, node);
+        config.extra_check = extra_check;
+        let cache = Arc::new(Cache::default());
+        let task = tokio::spawn(wary_proxy::discovery::run(config, cache.clone()));
+        Self { cache, task }
+    }
+
+    /// Waits until the state satisfies `cond` and returns that state.
+    pub async fn wait_for(
+        &self,
+        what: &str,
+        cond: impl Fn(&DiscoveryState) -> bool,
+    ) -> Arc<DiscoveryState> {
+        self.wait_for_within(what, DEADLINE, cond).await
+    }
+
+    /// Like [`Client::wait_for`], with a deadline of its own (for acceptance bounds).
+    pub async fn wait_for_within(
+        &self,
+        what: &str,
+        deadline: Duration,
+        cond: impl Fn(&DiscoveryState) -> bool,
+    ) -> Arc<DiscoveryState> {
+        let mut changed = self.cache.subscribe();
+        let wait = async {
+            loop {
+                let state = self.cache.load();
+                if cond(&state) {
+                    return state;
+                }
+                if changed.changed().await.is_err() {
+                    panic!("the discovery cache was dropped");
+                }
+            }
+        };
+        tokio::time::timeout(deadline, wait)
+            .await
+            .unwrap_or_else(|_| panic!("timed out after {deadline:?} waiting for {what}"))
+    }
+}
+
+/// A temporary configuration directory.
+pub struct MeshDir {
+    dir: tempfile::TempDir,
+}
+
+impl Default for MeshDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl MeshDir {
+    /// An empty directory.
+    pub fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().expect("temp dir"),
+        }
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Writes (or replaces) a file atomically, the way editors and `kubectl`-style tools
+    /// do: write a hidden temporary file, then rename it into place.
+    pub fn write(&self, name: &str, text: &str) {
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, text).expect("write config");
+        std::fs::rename(&tmp, self.dir.path().join(name)).expect("rename config");
+    }
+
+    /// Removes a file.
+    pub fn remove(&self, name: &str) {
+        std::fs::remove_file(self.dir.path().join(name)).expect("remove config");
+    }
+}
+
+/// A local Service document selecting `app: <name>`, one port.
+pub fn service(name: &str, port: u16) -> String {
+    format!(
+        "apiVersion: local.wary.io/v1alpha1
+kind: Service
+metadata:
+  name: {name}
+spec:
+  selector:
+    app: {name}
+  ports:
+  - name: http
+    port: {port}
+    targetPort: http
+"
+    )
+}
+
+/// A local Workload document labelled `app: <app>`.
+pub fn workload(name: &str, app: &str, address: &str, port: u16) -> String {
+    format!(
+        "apiVersion: local.wary.io/v1alpha1
+kind: Workload
+metadata:
+  name: {name}
+  labels:
+    app: {app}
+spec:
+  serviceAccount: {app}
+  address: {address}
+  ports:
+  - name: http
+    port: {port}
+"
+    )
+}
