@@ -39,40 +39,66 @@ pub struct ConfigStatus {
 /// Shared [`ConfigStatus`].
 pub type SharedStatus = Arc<Mutex<ConfigStatus>>;
 
-/// Reads `dir` once now, publishes the snapshot, then re-reads it `debounce` after the
-/// last change seen and publishes what changed. Runs until the process ends.
-///
-/// # Errors
-/// When the directory cannot be watched (it does not exist, or inotify is exhausted).
-pub async fn run(
-    dir: PathBuf,
-    snapshots: watch::Sender<Arc<Snapshot>>,
-    status: SharedStatus,
-    debounce: Duration,
-) -> anyhow::Result<()> {
-    let changed = Arc::new(Notify::new());
-    let notify = changed.clone();
-    let mut watcher =
-        notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-            Ok(e) if e.kind.is_access() => {}
-            Ok(_) => notify.notify_one(),
-            Err(e) => tracing::warn!(error = %e, "file watch error; re-reading the directory"),
-        })
-        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
-    watcher
-        .watch(&dir, RecursiveMode::Recursive)
-        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+/// A watched configuration directory.
+pub struct ConfigWatch {
+    source: ConfigDir,
+    changed: Arc<Notify>,
+    // Dropping the watcher stops the events.
+    _watcher: notify::RecommendedWatcher,
+}
 
-    let mut source = ConfigDir::new(dir);
-    reload(&mut source, &snapshots, &status);
-    loop {
-        changed.notified().await;
-        // Debounce: editors and `cp -r` produce bursts of events; read once it is quiet.
-        while tokio::time::timeout(debounce, changed.notified())
-            .await
-            .is_ok()
-        {}
-        reload(&mut source, &snapshots, &status);
+impl ConfigWatch {
+    /// Starts watching `dir` (recursively). Nothing is read until [`ConfigWatch::reload`];
+    /// the watch starts first so that no change made in between is missed.
+    ///
+    /// # Errors
+    /// When the directory cannot be watched (it does not exist, or inotify watches are
+    /// exhausted: raise `fs.inotify.max_user_watches`).
+    pub fn start(dir: PathBuf) -> anyhow::Result<Self> {
+        let changed = Arc::new(Notify::new());
+        let notify = changed.clone();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+                Ok(e) if e.kind.is_access() => {}
+                Ok(_) => notify.notify_one(),
+                Err(e) => {
+                    tracing::warn!(error = %e, "file watch error; re-reading the directory");
+                    notify.notify_one();
+                }
+            })
+            .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+        watcher
+            .watch(&dir, RecursiveMode::Recursive)
+            .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+        Ok(Self {
+            source: ConfigDir::new(dir),
+            changed,
+            _watcher: watcher,
+        })
+    }
+
+    /// Reads the directory now; see [`reload`].
+    pub fn reload(&mut self, snapshots: &watch::Sender<Arc<Snapshot>>, status: &SharedStatus) {
+        reload(&mut self.source, snapshots, status);
+    }
+
+    /// Re-reads the directory `debounce` after the last change seen, and publishes what
+    /// changed. Runs until the process ends.
+    pub async fn run(
+        mut self,
+        snapshots: watch::Sender<Arc<Snapshot>>,
+        status: SharedStatus,
+        debounce: Duration,
+    ) {
+        loop {
+            self.changed.notified().await;
+            // Debounce: editors and `cp -r` produce bursts of events; read once it is quiet.
+            while tokio::time::timeout(debounce, self.changed.notified())
+                .await
+                .is_ok()
+            {}
+            self.reload(&snapshots, &status);
+        }
     }
 }
 

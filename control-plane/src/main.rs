@@ -20,11 +20,14 @@ use wary_proto::discovery::discovery_server::DiscoveryServer;
 #[command(version, about)]
 struct Args {
     /// Read topology and policy from this directory of YAML documents, and watch it.
-    #[arg(long, env = "WARY_CONFIG_DIR", required_unless_present = "kubernetes")]
+    #[arg(long, env = "WARY_CONFIG_DIR", required_unless_present_any = ["kubernetes", "print_crds"])]
     config_dir: Option<PathBuf>,
     /// Read topology and policy from the Kubernetes API (in a cluster).
     #[arg(long, conflicts_with = "config_dir")]
     kubernetes: bool,
+    /// Print the CustomResourceDefinitions of the policy documents (YAML) and exit.
+    #[arg(long)]
+    print_crds: bool,
     /// Address of the discovery (gRPC) server. Port 0 picks a free port.
     #[arg(long, env = "WARY_DISCOVERY_ADDR", default_value = "127.0.0.1:8086")]
     discovery_addr: SocketAddr,
@@ -42,6 +45,10 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if args.print_crds {
+        print!("{}", wary_control_plane::policy::crds_yaml()?);
+        return Ok(());
+    }
     init_logging(&args.log_format)?;
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
@@ -63,10 +70,9 @@ async fn main() -> anyhow::Result<()> {
     let status = config_watch::SharedStatus::default();
     // The first read happens before the servers start, so the first proxy gets the
     // configuration rather than an empty state.
-    let mut source = wary_control_plane::source::ConfigDir::new(&dir);
-    config_watch::reload(&mut source, &snapshots, &status);
-    let watch_task = tokio::spawn(config_watch::run(
-        dir.clone(),
+    let mut config = config_watch::ConfigWatch::start(dir.clone())?;
+    config.reload(&snapshots, &status);
+    let watch_task = tokio::spawn(config.run(
         snapshots,
         status.clone(),
         Duration::from_millis(args.debounce_ms),
@@ -110,10 +116,7 @@ async fn main() -> anyhow::Result<()> {
         );
     tokio::select! {
         r = server => r.context("discovery server failed")?,
-        r = watch_task => match r {
-            Ok(Err(e)) => return Err(e),
-            _ => bail!("the configuration watcher stopped"),
-        },
+        _ = watch_task => bail!("the configuration watcher stopped"),
     }
     tracing::info!("control plane stopped");
     Ok(())

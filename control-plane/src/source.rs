@@ -323,7 +323,8 @@ fn parse_document(
         let line = e.inner().location().map_or(start, |l| start + l.line() - 1);
         let path = e.path().to_string();
         let reason = strip_location(&e.inner().to_string());
-        let reason = if path == "." {
+        // serde_yaml names the path itself for most errors; add it only when missing.
+        let reason = if path == "." || reason.starts_with(&path) {
             reason
         } else {
             format!("{path}: {reason}")

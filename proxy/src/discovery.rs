@@ -147,12 +147,11 @@ pub async fn run(config: DiscoveryConfig, cache: Arc<Cache>) {
         let delay = config.backoff.delay(attempt);
         attempt = attempt.saturating_add(1);
         metrics::counter!(m::DISCOVERY_RECONNECTS).increment(1);
-        match result {
-            Err(e) => tracing::warn!(
+        if let Err(e) = result {
+            tracing::warn!(
                 error = %e, retry_in_ms = delay.as_millis() as u64,
                 "discovery unavailable; serving the last good configuration"
-            ),
-            Ok(()) => {}
+            );
         }
         tokio::time::sleep(delay).await;
     }
