@@ -34,15 +34,9 @@ fn ensure_built() {
     BUILD.call_once(|| {
         let root = workspace_root();
         let mut cmd = std::process::Command::new(env!("CARGO"));
-        cmd.current_dir(&root).args([
-            "build",
-            "--quiet",
-            "--bins",
-            "-p",
-            "wary-control-plane",
-            "-p",
-            "wary-proxy",
-        ]);
+        // `--workspace`, as scripts/test builds: the same feature set, so no rebuild.
+        cmd.current_dir(&root)
+            .args(["build", "--quiet", "--workspace", "--bins"]);
         if profile_dir().ends_with("release") {
             cmd.arg("--release");
         }
