@@ -10,8 +10,8 @@
 use std::time::Duration;
 
 use rcgen::{
-    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
-    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName, DnType,
+    ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
 use rustls::pki_types::{CertificateDer, CertificateSigningRequestDer};
 use time::OffsetDateTime;
@@ -68,10 +68,7 @@ impl MeshCa {
     ///
     /// # Errors
     /// [`CaError::Sign`] if rcgen cannot produce the certificate.
-    pub fn create_anchor(
-        trust_domain: &TrustDomain,
-        lifetime: Duration,
-    ) -> Result<AnchorPem, CaError> {
+    pub fn create_anchor(trust_domain: &TrustDomain, lifetime: Duration) -> Result<AnchorPem, CaError> {
         let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(CaError::Sign)?;
         let mut params = CertificateParams::default();
         let mut dn = DistinguishedName::new();
@@ -103,17 +100,13 @@ impl MeshCa {
     /// # Errors
     /// [`CaError::Material`] when either does not parse.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, CaError> {
-        let key =
-            KeyPair::from_pem(key_pem).map_err(|e| CaError::Material(format!("CA key: {e}")))?;
+        let key = KeyPair::from_pem(key_pem).map_err(|e| CaError::Material(format!("CA key: {e}")))?;
         let certificate = crate::certificates_from_pem(cert_pem)
             .map_err(|e| CaError::Material(format!("CA certificate: {e}")))?
             .swap_remove(0);
         let issuer = Issuer::from_ca_cert_der(&certificate, key)
             .map_err(|e| CaError::Material(format!("CA certificate: {e}")))?;
-        Ok(Self {
-            issuer,
-            certificate,
-        })
+        Ok(Self { issuer, certificate })
     }
 
     /// The issuer's certificate (DER).
@@ -151,9 +144,8 @@ impl MeshCa {
         not_before: OffsetDateTime,
         not_after: OffsetDateTime,
     ) -> Result<CertificateDer<'static>, CaError> {
-        let mut request =
-            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr))
-                .map_err(CaError::Csr)?;
+        let mut request = CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr))
+            .map_err(CaError::Csr)?;
         let mut params = CertificateParams::default();
         params.subject_alt_names = vec![
             SanType::URI(identity.to_string().try_into().map_err(CaError::Sign)?),
@@ -162,20 +154,13 @@ impl MeshCa {
         params.distinguished_name = DistinguishedName::new();
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
         params.not_before = not_before;
         params.not_after = not_after;
         // Only the requested public key survives from the CSR.
         request.params = params;
-        Ok(request
-            .signed_by(&self.issuer)
-            .map_err(CaError::Sign)?
-            .der()
-            .clone())
+        Ok(request.signed_by(&self.issuer).map_err(CaError::Sign)?.der().clone())
     }
 }
 
@@ -190,9 +175,7 @@ mod tests {
         let td = TrustDomain::default();
         let anchor = MeshCa::create_anchor(&td, DEFAULT_ANCHOR_LIFETIME).unwrap();
         let ca = MeshCa::from_pem(&anchor.cert, &anchor.key).unwrap();
-        let asked: SpiffeId = "spiffe://cluster.local/ns/default/sa/admin"
-            .parse()
-            .unwrap();
+        let asked: SpiffeId = "spiffe://cluster.local/ns/default/sa/admin".parse().unwrap();
         let key = WorkloadKey::generate().unwrap();
         let csr = key.csr(&asked).unwrap();
         let granted: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
@@ -203,13 +186,10 @@ mod tests {
     #[test]
     fn refuses_a_tampered_csr() {
         let key = WorkloadKey::generate().unwrap();
-        let mut csr = key
-            .csr(&"spiffe://cluster.local/ns/a/sa/b".parse().unwrap())
-            .unwrap();
+        let mut csr = key.csr(&"spiffe://cluster.local/ns/a/sa/b".parse().unwrap()).unwrap();
         let last = csr.len() - 1;
         csr[last] ^= 0xff;
-        let anchor =
-            MeshCa::create_anchor(&TrustDomain::default(), DEFAULT_ANCHOR_LIFETIME).unwrap();
+        let anchor = MeshCa::create_anchor(&TrustDomain::default(), DEFAULT_ANCHOR_LIFETIME).unwrap();
         let ca = MeshCa::from_pem(&anchor.cert, &anchor.key).unwrap();
         let err = ca
             .sign(

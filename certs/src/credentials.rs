@@ -54,8 +54,8 @@ impl WorkloadKey {
     /// # Errors
     /// [`CredentialError::Key`] if the system RNG fails.
     pub fn generate() -> Result<Self, CredentialError> {
-        let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-            .map_err(|e| CredentialError::Key(e.to_string()))?;
+        let key =
+            KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(|e| CredentialError::Key(e.to_string()))?;
         Ok(Self { key })
     }
 
@@ -115,8 +115,7 @@ impl TrustBundle {
     /// # Errors
     /// [`CredentialError::Bundle`] when the text has no usable certificate.
     pub fn from_pem(pem: &str) -> Result<Self, CredentialError> {
-        let certs = crate::certificates_from_pem(pem)
-            .map_err(|e| CredentialError::Bundle(e.to_string()))?;
+        let certs = crate::certificates_from_pem(pem).map_err(|e| CredentialError::Bundle(e.to_string()))?;
         Self::new(certs)
     }
 
@@ -191,17 +190,12 @@ impl Credentials {
         expected: Option<&SpiffeId>,
     ) -> Result<CertificateInfo, CredentialError> {
         let refused = |m: String| CredentialError::Certificate(m);
-        let leaf = chain
-            .first()
-            .ok_or_else(|| refused("empty certificate chain".into()))?;
+        let leaf = chain.first().ok_or_else(|| refused("empty certificate chain".into()))?;
         let info = certificate_info(leaf).map_err(refused)?;
         if let Some(expected) = expected
             && &info.identity != expected
         {
-            return Err(refused(format!(
-                "it names {}, expected {expected}",
-                info.identity
-            )));
+            return Err(refused(format!("it names {}, expected {expected}", info.identity)));
         }
         let now = UnixTime::now();
         self.verifiers
@@ -245,22 +239,16 @@ impl Credentials {
     }
 }
 
-fn verifiers(
-    bundle: &TrustBundle,
-    provider: &Arc<CryptoProvider>,
-) -> Result<Verifiers, CredentialError> {
+fn verifiers(bundle: &TrustBundle, provider: &Arc<CryptoProvider>) -> Result<Verifiers, CredentialError> {
     let err = |e: rustls::server::VerifierBuilderError| CredentialError::Bundle(e.to_string());
     let roots = bundle.roots.clone();
     Ok(Verifiers {
         server: WebPkiServerVerifier::builder_with_provider(roots.clone(), provider.clone())
             .build()
             .map_err(|e| CredentialError::Bundle(e.to_string()))?,
-        client_required: WebPkiClientVerifier::builder_with_provider(
-            roots.clone(),
-            provider.clone(),
-        )
-        .build()
-        .map_err(err)?,
+        client_required: WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
+            .build()
+            .map_err(err)?,
         client_optional: WebPkiClientVerifier::builder_with_provider(roots, provider.clone())
             .allow_unauthenticated()
             .build()
@@ -274,11 +262,10 @@ fn verifiers(
 /// A message when the certificate does not parse or has no SPIFFE URI SAN.
 pub fn certificate_info(cert: &CertificateDer<'_>) -> Result<CertificateInfo, String> {
     let identity = peer_identity(cert).map_err(|e| e.to_string())?;
-    let (_, x509) = x509_parser::parse_x509_certificate(cert)
-        .map_err(|e| format!("certificate does not parse: {e}"))?;
+    let (_, x509) =
+        x509_parser::parse_x509_certificate(cert).map_err(|e| format!("certificate does not parse: {e}"))?;
     let ts = |t: x509_parser::time::ASN1Time| {
-        SystemTime::UNIX_EPOCH
-            + std::time::Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(u64::try_from(t.timestamp()).unwrap_or(0))
     };
     Ok(CertificateInfo {
         identity,

@@ -7,14 +7,10 @@ use std::str::FromStr;
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum IdentityError {
     /// The trust domain is empty, too long or has characters SPIFFE does not allow.
-    #[error(
-        "invalid trust domain {0:?}: use lower-case letters, digits, '.', '-' and '_' (e.g. cluster.local)"
-    )]
+    #[error("invalid trust domain {0:?}: use lower-case letters, digits, '.', '-' and '_' (e.g. cluster.local)")]
     TrustDomain(String),
     /// The string is not `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
-    #[error(
-        "invalid SPIFFE ID {id:?}: {reason}; expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
-    )]
+    #[error("invalid SPIFFE ID {id:?}: {reason}; expected spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>")]
     SpiffeId {
         /// The string given.
         id: String,
@@ -90,11 +86,7 @@ impl SpiffeId {
     /// # Errors
     /// [`IdentityError::Name`] when the namespace or service account is not a
     /// Kubernetes DNS label (RFC 1123, at most 63 bytes).
-    pub fn new(
-        trust_domain: TrustDomain,
-        namespace: &str,
-        service_account: &str,
-    ) -> Result<Self, IdentityError> {
+    pub fn new(trust_domain: TrustDomain, namespace: &str, service_account: &str) -> Result<Self, IdentityError> {
         check_label("namespace", namespace)?;
         check_label("service account", service_account)?;
         Ok(Self {
@@ -154,16 +146,9 @@ impl FromStr for SpiffeId {
         let mut parts = rest.split('/');
         let td = parts.next().unwrap_or_default();
         let trust_domain = TrustDomain::new(td).map_err(|_| bad("invalid trust domain"))?;
-        match (
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-            parts.next(),
-        ) {
+        match (parts.next(), parts.next(), parts.next(), parts.next(), parts.next()) {
             (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => {
-                SpiffeId::new(trust_domain, ns, sa)
-                    .map_err(|_| bad("invalid namespace or service account"))
+                SpiffeId::new(trust_domain, ns, sa).map_err(|_| bad("invalid namespace or service account"))
             }
             _ => Err(bad("path is not /ns/<namespace>/sa/<service-account>")),
         }

@@ -38,10 +38,7 @@ pub fn certificates_from_pem(pem: &str) -> Result<Vec<CertificateDer<'static>>, 
 
 /// Encodes certificates as PEM `CERTIFICATE` blocks.
 pub fn certificates_to_pem(certs: &[CertificateDer<'_>]) -> String {
-    certs
-        .iter()
-        .map(|c| pem_block("CERTIFICATE", c.as_ref()))
-        .collect()
+    certs.iter().map(|c| pem_block("CERTIFICATE", c.as_ref())).collect()
 }
 
 fn pem_block(label: &str, der: &[u8]) -> String {

@@ -38,11 +38,7 @@ pub enum ClientAuth {
 
 /// A server config serving the current certificate, verifying clients per `auth`.
 /// `alpn` lists the protocols offered, e.g. `[ALPN_H2]`.
-pub fn server_config(
-    creds: &Arc<Credentials>,
-    auth: ClientAuth,
-    alpn: &[&[u8]],
-) -> Arc<ServerConfig> {
+pub fn server_config(creds: &Arc<Credentials>, auth: ClientAuth, alpn: &[&[u8]]) -> Arc<ServerConfig> {
     let mut config = ServerConfig::builder_with_provider(creds.provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .expect("ring supports TLS 1.3")
@@ -72,9 +68,7 @@ pub fn client_config(creds: &Arc<Credentials>, alpn: &[&[u8]]) -> Arc<ClientConf
 ///
 /// # Errors
 /// Never for identities built by [`SpiffeId`]; the error type is rustls's.
-pub fn server_name(
-    identity: &SpiffeId,
-) -> Result<ServerName<'static>, rustls::pki_types::InvalidDnsNameError> {
+pub fn server_name(identity: &SpiffeId) -> Result<ServerName<'static>, rustls::pki_types::InvalidDnsNameError> {
     ServerName::try_from(identity.dns_name())
 }
 
@@ -98,8 +92,8 @@ pub enum PeerIdentityError {
 /// # Errors
 /// [`PeerIdentityError`] when there is not exactly one valid SPIFFE URI SAN.
 pub fn peer_identity(cert: &CertificateDer<'_>) -> Result<SpiffeId, PeerIdentityError> {
-    let (_, x509) = x509_parser::parse_x509_certificate(cert)
-        .map_err(|e| PeerIdentityError::Malformed(e.to_string()))?;
+    let (_, x509) =
+        x509_parser::parse_x509_certificate(cert).map_err(|e| PeerIdentityError::Malformed(e.to_string()))?;
     let san = x509
         .subject_alternative_name()
         .map_err(|e| PeerIdentityError::Malformed(e.to_string()))?;
@@ -159,27 +153,19 @@ impl HandshakeFailure {
 
     /// Classifies the error a tokio-rustls accept or connect returned.
     pub fn classify(err: &std::io::Error) -> Self {
-        let Some(tls) = err
-            .get_ref()
-            .and_then(|e| e.downcast_ref::<rustls::Error>())
-        else {
+        let Some(tls) = err.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) else {
             return Self::Io;
         };
         match tls {
-            rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => {
-                Self::NotTls
-            }
+            rustls::Error::InvalidMessage(_) | rustls::Error::InappropriateMessage { .. } => Self::NotTls,
             rustls::Error::NoCertificatesPresented => Self::NoClientCertificate,
             rustls::Error::InvalidCertificate(c) => match c {
                 CertificateError::UnknownIssuer | CertificateError::BadSignature => Self::UnknownCa,
-                CertificateError::Expired | CertificateError::ExpiredContext { .. } => {
-                    Self::Expired
+                CertificateError::Expired | CertificateError::ExpiredContext { .. } => Self::Expired,
+                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => Self::NotYetValid,
+                CertificateError::NotValidForName | CertificateError::NotValidForNameContext { .. } => {
+                    Self::WrongIdentity
                 }
-                CertificateError::NotValidYet | CertificateError::NotValidYetContext { .. } => {
-                    Self::NotYetValid
-                }
-                CertificateError::NotValidForName
-                | CertificateError::NotValidForNameContext { .. } => Self::WrongIdentity,
                 _ => Self::Other,
             },
             rustls::Error::AlertReceived(_) => Self::PeerRefused,
@@ -251,8 +237,7 @@ impl ClientCertVerifier for ClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.current()
-            .verify_client_cert(end_entity, intermediates, now)
+        self.current().verify_client_cert(end_entity, intermediates, now)
     }
 
     fn verify_tls12_signature(
@@ -291,13 +276,11 @@ impl ServerCertVerifier for ServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0.verifiers.load().server.verify_server_cert(
-            end_entity,
-            intermediates,
-            server_name,
-            ocsp_response,
-            now,
-        )
+        self.0
+            .verifiers
+            .load()
+            .server
+            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
     }
 
     fn verify_tls12_signature(

@@ -29,9 +29,7 @@ fn new_ca() -> Ca {
 }
 
 fn id(sa: &str) -> SpiffeId {
-    format!("spiffe://cluster.local/ns/default/sa/{sa}")
-        .parse()
-        .unwrap()
+    format!("spiffe://cluster.local/ns/default/sa/{sa}").parse().unwrap()
 }
 
 /// Credentials for `sa` issued by `issuer`, trusting `trusts`.
@@ -40,11 +38,7 @@ fn creds(issuer: &Ca, trusts: &TrustBundle, sa: &str) -> Arc<Credentials> {
     let key = WorkloadKey::generate().unwrap();
     let cert = issuer
         .ca
-        .sign(
-            &key.csr(&id(sa)).unwrap(),
-            &id(sa),
-            Duration::from_secs(600),
-        )
+        .sign(&key.csr(&id(sa)).unwrap(), &id(sa), Duration::from_secs(600))
         .unwrap();
     c.set_certificate(vec![cert], &key, Some(&id(sa))).unwrap();
     c.set_trust_bundle(trusts.clone()).unwrap();
@@ -57,10 +51,7 @@ async fn handshake(
     server: &Arc<Credentials>,
     client: &Arc<Credentials>,
     expect: &SpiffeId,
-) -> (
-    Result<SpiffeId, HandshakeFailure>,
-    Result<(), HandshakeFailure>,
-) {
+) -> (Result<SpiffeId, HandshakeFailure>, Result<(), HandshakeFailure>) {
     handshake_with(server, client_config(client, &[ALPN_H2]), expect).await
 }
 
@@ -68,10 +59,7 @@ async fn handshake_with(
     server: &Arc<Credentials>,
     client: Arc<rustls::ClientConfig>,
     expect: &SpiffeId,
-) -> (
-    Result<SpiffeId, HandshakeFailure>,
-    Result<(), HandshakeFailure>,
-) {
+) -> (Result<SpiffeId, HandshakeFailure>, Result<(), HandshakeFailure>) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let acceptor = TlsAcceptor::from(server_config(server, ClientAuth::Required, &[ALPN_H2]));
@@ -134,9 +122,7 @@ async fn plaintext_is_refused_as_not_tls() {
             .map_err(|e| HandshakeFailure::classify(&e))
     });
     let mut tcp = TcpStream::connect(addr).await.unwrap();
-    tcp.write_all(b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n")
-        .await
-        .unwrap();
+    tcp.write_all(b"GET / HTTP/1.1\r\nHost: orders\r\n\r\n").await.unwrap();
     assert_eq!(accept.await.unwrap(), Err(HandshakeFailure::NotTls));
 }
 
@@ -168,13 +154,8 @@ async fn expired_and_not_yet_valid_clients_are_refused() {
         ),
     ] {
         let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
-        let csr = rcgen::CertificateParams::default()
-            .serialize_request(&key)
-            .unwrap();
-        let cert = ca
-            .ca
-            .sign_with_validity(csr.der(), &id("web"), from, to)
-            .unwrap();
+        let csr = rcgen::CertificateParams::default().serialize_request(&key).unwrap();
+        let cert = ca.ca.sign_with_validity(csr.der(), &id("web"), from, to).unwrap();
         // Our own credentials refuse to install such a certificate...
         let ours = Credentials::new(ca.bundle.clone()).unwrap();
         let err = ours
@@ -184,17 +165,15 @@ async fn expired_and_not_yet_valid_clients_are_refused() {
         // ...so present it with a hand-built rustls client.
         let mut roots = rustls::RootCertStore::empty();
         roots.add(ca.bundle.anchors()[0].clone()).unwrap();
-        let client = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_protocol_versions(&[&rustls::version::TLS13])
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_client_auth_cert(
-            vec![cert],
-            rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
-        )
-        .unwrap();
+        let client = rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_client_auth_cert(
+                vec![cert],
+                rustls::pki_types::PrivateKeyDer::Pkcs8(key.serialize_der().into()),
+            )
+            .unwrap();
         let (s, _) = handshake_with(&server, Arc::new(client), &id("orders")).await;
         assert_eq!(s, Err(want));
     }
@@ -224,11 +203,7 @@ async fn rotation_swaps_certificates_and_anchors_in_place() {
         let key = WorkloadKey::generate().unwrap();
         let cert = new
             .ca
-            .sign(
-                &key.csr(&id(sa)).unwrap(),
-                &id(sa),
-                Duration::from_secs(600),
-            )
+            .sign(&key.csr(&id(sa)).unwrap(), &id(sa), Duration::from_secs(600))
             .unwrap();
         c.set_certificate(vec![cert], &key, Some(&id(sa))).unwrap();
     }

@@ -14,7 +14,9 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use metrics_exporter_prometheus::PrometheusHandle;
 use tokio::net::TcpListener;
 
-use crate::config_watch::SharedStatus;
+use tokio::sync::watch;
+
+use crate::config_watch::ConfigStatus;
 use crate::discovery::ProxyRegistry;
 
 /// What the admin pages read.
@@ -25,7 +27,9 @@ pub struct Admin {
     /// Connected proxies.
     pub registry: Arc<ProxyRegistry>,
     /// The configuration's state.
-    pub status: SharedStatus,
+    pub status: watch::Receiver<ConfigStatus>,
+    /// True once discovery is served (the configuration has read clean once).
+    pub serving: watch::Receiver<bool>,
 }
 
 impl Admin {
@@ -68,21 +72,23 @@ impl Admin {
                 );
                 r
             }
-            "/live" | "/ready" => text(StatusCode::OK, "ok\n".into()),
-            "/config" => {
-                let status = self
-                    .status
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .clone();
-                json(&status)
+            "/live" => text(StatusCode::OK, "ok\n".into()),
+            "/ready" => {
+                if *self.serving.borrow() {
+                    text(StatusCode::OK, "ok\n".into())
+                } else {
+                    let errors = self.status.borrow().errors.join("\n");
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("not ready: the configuration has errors; fix them and it will serve:\n{errors}\n"),
+                    )
+                }
             }
+            "/config" => json(&*self.status.borrow()),
             "/proxies" => json(&self.registry.list()),
             other => text(
                 StatusCode::NOT_FOUND,
-                format!(
-                    "no admin page {other}: try /metrics, /ready, /live, /config or /proxies\n"
-                ),
+                format!("no admin page {other}: try /metrics, /ready, /live, /config or /proxies\n"),
             ),
         }
     }
@@ -104,9 +110,6 @@ fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
             );
             r
         }
-        Err(e) => text(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            format!("cannot encode: {e}\n"),
-        ),
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode: {e}\n")),
     }
 }

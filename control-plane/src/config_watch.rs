@@ -1,15 +1,16 @@
 //! Keeps the served snapshot in step with the configuration directory.
 //!
 //! ```text
-//! inotify events ─▶ Notify ─▶ wait until quiet for `debounce` ─▶ ConfigDir::load
-//!                                                    ─▶ resources::compute ─▶ watch::Sender
+//! inotify events ─▶ Notify ─▶ quiet for `debounce` (at most MAX_DEBOUNCE) ─▶ read
+//!     every RESYNC as well, in case a watch was lost        (blocking pool)
+//!                                       ─▶ resources::compute ─▶ watch::Sender<Snapshot>
 //! ```
 //!
 //! A read with problems logs each one as `file:line: reason`; documents that are still
 //! good are served, and a file with problems keeps its last good version in force.
 
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use notify::{RecursiveMode, Watcher};
@@ -20,6 +21,13 @@ use crate::metrics as m;
 use crate::resources;
 use crate::snapshot::Snapshot;
 use crate::source::ConfigDir;
+
+/// The longest a burst of changes can hold a re-read back: 1 s.
+pub const MAX_DEBOUNCE: Duration = Duration::from_secs(1);
+
+/// A full re-read happens at least this often even without events, so a lost watch
+/// (the directory deleted and recreated, inotify overflow) heals itself: 30 s.
+pub const RESYNC: Duration = Duration::from_secs(30);
 
 /// The state of the configuration, served as JSON on the admin `/config` page.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -32,12 +40,12 @@ pub struct ConfigStatus {
     pub counts: String,
     /// Problems found by the latest read, each `file:line: reason`. Empty when clean.
     pub errors: Vec<String>,
+    /// Things that are valid but probably not meant, e.g. a policy whose target does
+    /// not exist.
+    pub warnings: Vec<String>,
     /// Reads so far.
     pub reloads: u64,
 }
-
-/// Shared [`ConfigStatus`].
-pub type SharedStatus = Arc<Mutex<ConfigStatus>>;
 
 /// A watched configuration directory.
 pub struct ConfigWatch {
@@ -57,16 +65,15 @@ impl ConfigWatch {
     pub fn start(dir: PathBuf) -> anyhow::Result<Self> {
         let changed = Arc::new(Notify::new());
         let notify = changed.clone();
-        let mut watcher =
-            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-                Ok(e) if e.kind.is_access() => {}
-                Ok(_) => notify.notify_one(),
-                Err(e) => {
-                    tracing::warn!(error = %e, "file watch error; re-reading the directory");
-                    notify.notify_one();
-                }
-            })
-            .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
+            Ok(e) if e.kind.is_access() => {}
+            Ok(_) => notify.notify_one(),
+            Err(e) => {
+                tracing::warn!(error = %e, "file watch error; re-reading the directory");
+                notify.notify_one();
+            }
+        })
+        .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
         watcher
             .watch(&dir, RecursiveMode::Recursive)
             .map_err(|e| anyhow::anyhow!("cannot watch {}: {e}", dir.display()))?;
@@ -77,54 +84,61 @@ impl ConfigWatch {
         })
     }
 
-    /// Reads the directory now; see [`reload`].
-    pub fn reload(&mut self, snapshots: &watch::Sender<Arc<Snapshot>>, status: &SharedStatus) {
-        reload(&mut self.source, snapshots, status);
+    /// Reads the directory now (on the blocking pool) and publishes what changed.
+    pub async fn reload(&mut self, snapshots: &watch::Sender<Arc<Snapshot>>, status: &watch::Sender<ConfigStatus>) {
+        let mut source = std::mem::take(&mut self.source);
+        let snapshots_tx = snapshots.clone();
+        let status_tx = status.clone();
+        let source = tokio::task::spawn_blocking(move || {
+            reload(&mut source, &snapshots_tx, &status_tx);
+            source
+        })
+        .await;
+        match source {
+            Ok(source) => self.source = source,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
     }
 
-    /// Re-reads the directory `debounce` after the last change seen, and publishes what
-    /// changed. Runs until the process ends.
+    /// Re-reads the directory `debounce` after the last change seen (but at most
+    /// [`MAX_DEBOUNCE`] after the first), and every [`RESYNC`]. Runs until the process
+    /// ends.
     pub async fn run(
         mut self,
         snapshots: watch::Sender<Arc<Snapshot>>,
-        status: SharedStatus,
+        status: watch::Sender<ConfigStatus>,
         debounce: Duration,
     ) {
         loop {
-            self.changed.notified().await;
-            // Debounce: editors and `cp -r` produce bursts of events; read once it is quiet.
-            while tokio::time::timeout(debounce, self.changed.notified())
-                .await
-                .is_ok()
+            let _ = tokio::time::timeout(RESYNC, self.changed.notified()).await;
+            // Debounce: editors and `cp -r` produce bursts of events; read once it is
+            // quiet, but never let a steady stream of events hold the read back forever.
+            let started = tokio::time::Instant::now();
+            while started.elapsed() < MAX_DEBOUNCE
+                && tokio::time::timeout(debounce, self.changed.notified()).await.is_ok()
             {}
-            self.reload(&snapshots, &status);
+            self.reload(&snapshots, &status).await;
         }
     }
 }
 
-/// Reads the directory once and publishes the snapshot if it changed.
-pub fn reload(
-    source: &mut ConfigDir,
-    snapshots: &watch::Sender<Arc<Snapshot>>,
-    status: &SharedStatus,
-) {
+/// Reads the directory once and publishes the snapshot if it changed. Blocking.
+pub fn reload(source: &mut ConfigDir, snapshots: &watch::Sender<Arc<Snapshot>>, status: &watch::Sender<ConfigStatus>) {
     let dir = source.root().display().to_string();
     let loaded = match source.load() {
         Ok(l) => l,
         Err(e) => {
-            tracing::error!("cannot read {dir}: {e}; the last good configuration stays in force");
-            record(
-                status,
-                &dir,
-                vec![format!("{dir}: cannot read: {e}")],
-                snapshots,
-            );
+            let error = format!("{dir}: cannot read the configuration directory: {e}");
+            tracing::error!("{error}; the last good configuration stays in force");
+            record(status, &dir, vec![error], Vec::new(), snapshots);
             return;
         }
     };
     let mut errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+    let mut warnings = Vec::new();
     match resources::compute(&loaded.documents) {
-        Ok(snapshot) => {
+        Ok((snapshot, warns)) => {
+            warnings = warns.iter().map(ToString::to_string).collect();
             let changed = snapshots.send_if_modified(|current| {
                 if **current == snapshot {
                     false
@@ -148,13 +162,17 @@ pub fn reload(
     for e in &errors {
         tracing::error!("{e}");
     }
-    record(status, &dir, errors, snapshots);
+    for w in &warnings {
+        tracing::warn!("{w}");
+    }
+    record(status, &dir, errors, warnings, snapshots);
 }
 
 fn record(
-    status: &SharedStatus,
+    status: &watch::Sender<ConfigStatus>,
     dir: &str,
     errors: Vec<String>,
+    warnings: Vec<String>,
     snapshots: &watch::Sender<Arc<Snapshot>>,
 ) {
     let result = if errors.is_empty() { "ok" } else { "error" };
@@ -165,10 +183,12 @@ fn record(
         let n = snap.get(t).map_or(0, |s| s.resources.len());
         metrics::gauge!(m::RESOURCES, "type" => wary_proto::kind_of(t)).set(n as f64);
     }
-    let mut s = status.lock().unwrap_or_else(|e| e.into_inner());
-    s.dir = dir.to_string();
-    s.versions = snap.versions();
-    s.counts = snap.counts();
-    s.errors = errors;
-    s.reloads += 1;
+    status.send_modify(|s| {
+        s.dir = dir.to_string();
+        s.versions = snap.versions();
+        s.counts = snap.counts();
+        s.errors = errors;
+        s.warnings = warnings;
+        s.reloads += 1;
+    });
 }

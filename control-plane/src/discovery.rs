@@ -31,6 +31,10 @@ use wary_proto::{WILDCARD, kind_of};
 use crate::metrics as m;
 use crate::snapshot::{Snapshot, TypeSnapshot};
 
+/// The most resource names one stream may subscribe to per type, so a peer cannot grow
+/// the control plane's memory without bound.
+pub const MAX_NAMES: usize = 10_000;
+
 /// What the control plane knows of one connected proxy, served as JSON on `/proxies`.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct ProxyStatus {
@@ -45,7 +49,7 @@ pub struct ProxyStatus {
     /// Its remote address.
     pub peer: String,
     /// When the stream opened, seconds since the Unix epoch.
-    pub connected_at: u64,
+    pub connected_at_unix_seconds: u64,
     /// Per resource kind (`service`, `endpoints`, `inbound_policy`).
     pub types: BTreeMap<&'static str, TypeStatus>,
 }
@@ -65,6 +69,9 @@ pub struct TypeStatus {
     pub nacks: u64,
     /// The most recent NACK, if any.
     pub last_nack: Option<Nack>,
+    /// Resources the proxy rejected and still runs an older version of: name → the
+    /// rejected version. An entry goes when a newer version is sent.
+    pub rejected: BTreeMap<String, String>,
 }
 
 /// A rejected response.
@@ -72,8 +79,6 @@ pub struct TypeStatus {
 pub struct Nack {
     /// The nonce of the rejected response.
     pub nonce: String,
-    /// The version the proxy rejected.
-    pub rejected_version: String,
     /// The version it kept.
     pub kept_version: String,
     /// The proxy's reason.
@@ -81,7 +86,7 @@ pub struct Nack {
     /// The resources it rejected.
     pub rejected_resources: Vec<String>,
     /// When, seconds since the Unix epoch.
-    pub at: u64,
+    pub at_unix_seconds: u64,
 }
 
 /// Connected proxies, by stream id.
@@ -127,21 +132,30 @@ pub struct DiscoveryService {
     registry: Arc<ProxyRegistry>,
     next_stream: AtomicU64,
     id: String,
+    shutdown: watch::Receiver<bool>,
+    serving: watch::Receiver<bool>,
 }
 
 impl DiscoveryService {
     /// Serves the snapshots published on `snapshots`; `id` names this replica in
-    /// responses.
+    /// responses. When `shutdown` turns true every stream ends with UNAVAILABLE, so
+    /// proxies reconnect elsewhere and the server can stop (streams never end by
+    /// themselves). Until `serving` turns true, streams are refused with UNAVAILABLE
+    /// and the reason.
     pub fn new(
         snapshots: watch::Receiver<Arc<Snapshot>>,
         registry: Arc<ProxyRegistry>,
         id: String,
+        shutdown: watch::Receiver<bool>,
+        serving: watch::Receiver<bool>,
     ) -> Self {
         Self {
             snapshots,
             registry,
             next_stream: AtomicU64::new(1),
             id,
+            shutdown,
+            serving,
         }
     }
 }
@@ -152,14 +166,14 @@ type ResponseStream = Pin<Box<dyn Stream<Item = Result<DiscoveryResponse, Status
 impl Discovery for DiscoveryService {
     type StreamStream = ResponseStream;
 
-    async fn stream(
-        &self,
-        request: Request<Streaming<DiscoveryRequest>>,
-    ) -> Result<Response<ResponseStream>, Status> {
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
+    async fn stream(&self, request: Request<Streaming<DiscoveryRequest>>) -> Result<Response<ResponseStream>, Status> {
+        if !*self.serving.borrow() {
+            return Err(Status::unavailable(
+                "the control plane's configuration has errors (see its log or /config) and it serves nothing until \
+                 they are fixed; proxies keep their last good state and retry",
+            ));
+        }
+        let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let (tx, rx) = mpsc::channel(16);
         let stream = ProxyStream {
             id: self.next_stream.fetch_add(1, Ordering::Relaxed),
@@ -171,7 +185,7 @@ impl Discovery for DiscoveryService {
             nonce: 0,
             node: None,
         };
-        tokio::spawn(stream.run(request.into_inner(), self.snapshots.clone()));
+        tokio::spawn(stream.run(request.into_inner(), self.snapshots.clone(), self.shutdown.clone()));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -217,10 +231,14 @@ impl ProxyStream {
         mut self,
         mut incoming: Streaming<DiscoveryRequest>,
         mut snapshots: watch::Receiver<Arc<Snapshot>>,
+        mut shutdown: watch::Receiver<bool>,
     ) {
         let mut snapshot = snapshots.borrow_and_update().clone();
         let end = loop {
             let step = tokio::select! {
+                _ = async { shutdown.wait_for(|down| *down).await.map(|_| ()) } => Err(End::Refused(Status::unavailable(
+                    "the control plane is shutting down; reconnect to another replica",
+                ))),
                 msg = incoming.message() => match msg {
                     Ok(Some(req)) => self.on_request(req, &snapshot).await,
                     Ok(None) => Err(End::Closed),
@@ -272,7 +290,7 @@ impl ProxyStream {
                     },
                     proxy_version: node.proxy_version.clone(),
                     peer: self.peer.clone(),
-                    connected_at: unix_now(),
+                    connected_at_unix_seconds: unix_now(),
                     types: BTreeMap::new(),
                 },
             );
@@ -291,38 +309,39 @@ impl ProxyStream {
         if first {
             ts.held = req.initial_resource_versions.into_iter().collect();
         }
-        if !req.response_nonce.is_empty() {
-            if req.response_nonce != ts.nonce {
-                // An answer to a response that a newer one has superseded: the newer
-                // response's ACK/NACK will follow (xDS semantics).
-                tracing::debug!(stream = self.id, kind, nonce = %req.response_nonce, "ignoring stale ACK/NACK");
-            } else if let Some(err) = req.error_detail {
-                metrics::counter!(m::NACKS, "type" => kind).increment(1);
-                let proxy = self
-                    .node
-                    .as_ref()
-                    .map(|n| n.id.as_str())
-                    .unwrap_or_default();
-                tracing::warn!(
-                    proxy, kind, nonce = %req.response_nonce, rejected_version = %ts.sent_version,
-                    kept_version = %req.version_info, rejected = ?err.rejected_resources,
-                    reason = %err.message, "proxy NACKed an update"
-                );
-                let nack = Nack {
-                    nonce: req.response_nonce.clone(),
-                    rejected_version: ts.sent_version.clone(),
-                    kept_version: req.version_info.clone(),
-                    reason: err.message,
-                    rejected_resources: err.rejected_resources,
-                    at: unix_now(),
-                };
-                self.registry.update(self.id, |p| {
-                    let t = p.types.entry(kind).or_default();
-                    t.nacks += 1;
+        if let Some(err) = req.error_detail {
+            // A NACK is recorded even when a newer response superseded the one it answers:
+            // delta responses are not cumulative, so its rejections would otherwise be lost.
+            metrics::counter!(m::NACKS, "type" => kind).increment(1);
+            let proxy = self.node.as_ref().map(|n| n.id.as_str()).unwrap_or_default();
+            tracing::warn!(
+                proxy, kind, nonce = %req.response_nonce, kept_version = %req.version_info,
+                rejected = ?err.rejected_resources, reason = %err.message, "proxy NACKed an update"
+            );
+            let rejected: Vec<(String, String)> = err
+                .rejected_resources
+                .iter()
+                .filter_map(|n| ts.held.get(n).map(|v| (n.clone(), v.clone())))
+                .collect();
+            let nack = Nack {
+                nonce: req.response_nonce.clone(),
+                kept_version: req.version_info.clone(),
+                reason: err.message,
+                rejected_resources: err.rejected_resources,
+                at_unix_seconds: unix_now(),
+            };
+            let current = req.response_nonce == ts.nonce;
+            self.registry.update(self.id, |p| {
+                let t = p.types.entry(kind).or_default();
+                t.nacks += 1;
+                if current {
                     t.acked_version = nack.kept_version.clone();
-                    t.last_nack = Some(nack);
-                });
-            } else {
+                }
+                t.rejected.extend(rejected);
+                t.last_nack = Some(nack);
+            });
+        } else if !req.response_nonce.is_empty() {
+            if req.response_nonce == ts.nonce {
                 metrics::counter!(m::ACKS, "type" => kind).increment(1);
                 tracing::debug!(stream = self.id, kind, version = %req.version_info, "ACK");
                 self.registry.update(self.id, |p| {
@@ -330,7 +349,16 @@ impl ProxyStream {
                     t.acks += 1;
                     t.acked_version = req.version_info.clone();
                 });
+            } else {
+                // An ACK of a response a newer one superseded; the newer one's answer
+                // will follow (xDS semantics).
+                tracing::debug!(stream = self.id, kind, nonce = %req.response_nonce, "ignoring stale ACK");
             }
+        }
+        if ts.names.len() + req.resource_names_subscribe.len() > MAX_NAMES {
+            return Err(End::Refused(Status::resource_exhausted(format!(
+                "more than {MAX_NAMES} {kind} names subscribed on one stream: subscribe to `*` instead"
+            ))));
         }
         let mut changed = first;
         for name in req.resource_names_subscribe {
@@ -357,9 +385,8 @@ impl ProxyStream {
             .into_iter()
             .chain(ts.names.iter().cloned())
             .collect();
-        self.registry.update(self.id, |p| {
-            p.types.entry(kind).or_default().subscribed = subscribed
-        });
+        self.registry
+            .update(self.id, |p| p.types.entry(kind).or_default().subscribed = subscribed);
         if changed {
             // The first request of a type is always answered, even with nothing, so the
             // proxy knows it is in sync.
@@ -415,9 +442,8 @@ impl ProxyStream {
             removed = removed.len(), "push"
         );
         let version = snap.version.clone();
-        self.registry.update(self.id, |p| {
-            p.types.entry(kind).or_default().sent_version = version
-        });
+        self.registry
+            .update(self.id, |p| p.types.entry(kind).or_default().sent_version = version);
         let response = DiscoveryResponse {
             type_url: type_url.to_string(),
             version_info: snap.version.clone(),

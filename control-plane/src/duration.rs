@@ -118,21 +118,8 @@ mod tests {
     fn parses_gateway_api_durations() {
         assert_eq!(Duration::parse("250ms").unwrap().0, D::from_millis(250));
         assert_eq!(Duration::parse("1h30m").unwrap().0, D::from_secs(5400));
-        assert_eq!(
-            Duration::parse("1m30s500ms").unwrap().0,
-            D::from_millis(90_500)
-        );
-        for bad in [
-            "",
-            "10",
-            "1.5s",
-            "10 s",
-            "s",
-            "1d",
-            "123456s",
-            "1h1h1h1h1h",
-            "-1s",
-        ] {
+        assert_eq!(Duration::parse("1m30s500ms").unwrap().0, D::from_millis(90_500));
+        for bad in ["", "10", "1.5s", "10 s", "s", "1d", "123456s", "1h1h1h1h1h", "-1s"] {
             assert!(Duration::parse(bad).is_err(), "{bad:?} should be refused");
         }
     }

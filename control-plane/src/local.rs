@@ -143,10 +143,7 @@ impl ServiceSpec {
     pub fn validate(&self) -> Vec<FieldError> {
         let mut errors = Vec::new();
         if self.ports.is_empty() {
-            errors.push(FieldError::new(
-                "spec.ports",
-                "a service needs at least one port",
-            ));
+            errors.push(FieldError::new("spec.ports", "a service needs at least one port"));
         }
         let mut seen = BTreeMap::new();
         for (i, p) in self.ports.iter().enumerate() {

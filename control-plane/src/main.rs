@@ -67,21 +67,38 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let (snapshots, rx) = watch::channel(Arc::new(Snapshot::default()));
-    let status = config_watch::SharedStatus::default();
+    let (status, status_rx) = watch::channel(config_watch::ConfigStatus::default());
     // The first read happens before the servers start, so the first proxy gets the
     // configuration rather than an empty state.
     let mut config = config_watch::ConfigWatch::start(dir.clone())?;
-    config.reload(&snapshots, &status);
-    let watch_task = tokio::spawn(config.run(
-        snapshots,
-        status.clone(),
-        Duration::from_millis(args.debounce_ms),
-    ));
+    config.reload(&snapshots, &status).await;
+    let debounce = Duration::from_millis(args.debounce_ms);
+    let watch_task = tokio::spawn(config.run(snapshots, status, debounce));
+
+    // Discovery is served only once the directory has read clean: a file that is broken
+    // at start-up has no last good version, and serving without it would tell every
+    // reconnecting proxy to remove what that file declares.
+    let (serving_tx, serving) = watch::channel(false);
+    let mut clean = status_rx.clone();
+    tokio::spawn(async move {
+        if clean.borrow().errors.is_empty() {
+            let _ = serving_tx.send(true);
+            return;
+        }
+        tracing::error!("not serving discovery until the configuration reads clean: fix the errors above");
+        if clean.wait_for(|s| s.errors.is_empty()).await.is_ok() {
+            tracing::info!("the configuration reads clean: serving discovery");
+            let _ = serving_tx.send(true);
+        }
+    });
 
     let registry = Arc::new(discovery::ProxyRegistry::default());
-    let discovery_listener = TcpListener::bind(args.discovery_addr)
-        .await
-        .with_context(|| format!("cannot listen on {} for discovery: is another control plane running? Pick another with --discovery-addr", args.discovery_addr))?;
+    let discovery_listener = TcpListener::bind(args.discovery_addr).await.with_context(|| {
+        format!(
+            "cannot listen on {} for discovery: is another control plane running? Pick another with --discovery-addr",
+            args.discovery_addr
+        )
+    })?;
     let admin_listener = TcpListener::bind(args.admin_addr).await.with_context(|| {
         format!(
             "cannot listen on {} for admin: pick another with --admin-addr",
@@ -91,36 +108,60 @@ async fn main() -> anyhow::Result<()> {
     let discovery_addr = discovery_listener.local_addr()?;
     let admin_addr = admin_listener.local_addr()?;
 
+    let (shutdown_tx, shutdown) = watch::channel(false);
     let id = format!("wary-control-plane/{}", std::process::id());
-    let service = discovery::DiscoveryService::new(rx, registry.clone(), id);
+    let service = discovery::DiscoveryService::new(rx, registry.clone(), id, shutdown, serving.clone());
     let admin = Admin {
         prometheus,
         registry,
-        status,
+        status: status_rx,
+        serving,
     };
     tokio::spawn(admin.serve(admin_listener));
 
-    tracing::info!(%discovery_addr, %admin_addr, dir = %dir.display(), "control plane serving");
+    tracing::info!(%discovery_addr, %admin_addr, dir = %dir.display(), "control plane started");
     // One machine-readable line on stdout, for scripts and tests that pick port 0.
     println!("wary-control-plane discovery={discovery_addr} admin={admin_addr}");
 
+    let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
         // Find proxies that vanished without closing (the network fails).
         .http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .tcp_keepalive(Some(Duration::from_secs(30)))
-        .add_service(DiscoveryServer::new(service))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(discovery_listener),
-            shutdown_signal(),
-        );
+        .add_service(
+            DiscoveryServer::new(service)
+                // Requests carry the versions a proxy holds; room for large meshes.
+                .max_decoding_message_size(MAX_REQUEST_BYTES)
+                .max_encoding_message_size(MAX_RESPONSE_BYTES),
+        )
+        .serve_with_incoming_shutdown(TcpListenerStream::new(discovery_listener), async {
+            let _ = stopping.await;
+        });
+    tokio::pin!(server);
     tokio::select! {
-        r = server => r.context("discovery server failed")?,
+        r = &mut server => r.context("discovery server failed")?,
         _ = watch_task => bail!("the configuration watcher stopped"),
+        _ = shutdown_signal() => {
+            tracing::info!("stopping: closing every discovery stream");
+            let _ = shutdown_tx.send(true);
+            let _ = stopping_tx.send(());
+            if tokio::time::timeout(SHUTDOWN_GRACE, &mut server).await.is_err() {
+                tracing::warn!("streams still open after {SHUTDOWN_GRACE:?}; stopping anyway");
+            }
+        }
     }
     tracing::info!("control plane stopped");
     Ok(())
 }
+
+/// The largest discovery request accepted: 16 MiB (room for the versions a proxy of a
+/// 100 000-resource mesh holds).
+const MAX_REQUEST_BYTES: usize = 16 << 20;
+/// The largest discovery response sent: 64 MiB. Proxies accept the same.
+const MAX_RESPONSE_BYTES: usize = 64 << 20;
+/// How long open streams get to close on shutdown.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 
 async fn shutdown_signal() {
     let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -134,8 +175,7 @@ async fn shutdown_signal() {
 }
 
 fn init_logging(format: &str) -> anyhow::Result<()> {
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

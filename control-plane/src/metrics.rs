@@ -24,16 +24,8 @@ pub const RESOURCES: &str = "wary_control_plane_resources";
 
 /// Registers the help text and unit of every metric.
 pub fn describe() {
-    describe_gauge!(
-        CONNECTED_PROXIES,
-        Unit::Count,
-        "Proxies with an open discovery stream."
-    );
-    describe_counter!(
-        RESPONSES,
-        Unit::Count,
-        "Discovery responses sent, by resource type."
-    );
+    describe_gauge!(CONNECTED_PROXIES, Unit::Count, "Proxies with an open discovery stream.");
+    describe_counter!(RESPONSES, Unit::Count, "Discovery responses sent, by resource type.");
     describe_counter!(
         RESOURCES_SENT,
         Unit::Count,
@@ -59,9 +51,5 @@ pub fn describe() {
         Unit::Count,
         "Problems found by the latest read of the configuration; the last good state stays in force."
     );
-    describe_gauge!(
-        RESOURCES,
-        Unit::Count,
-        "Resources served, by resource type."
-    );
+    describe_gauge!(RESOURCES, Unit::Count, "Resources served, by resource type.");
 }

@@ -17,12 +17,13 @@ use crate::policy::{self, AuthorizationPolicy, MeshConfigSpec, TrafficPolicy};
 use crate::snapshot::{Snapshot, SnapshotBuilder};
 use crate::source::{Body, ConfigError, Document, Origin};
 
-/// Checks the documents against each other and computes the snapshot.
+/// Checks the documents against each other and computes the snapshot, with warnings
+/// for what is valid but probably not meant (a policy whose target does not exist).
 ///
 /// # Errors
 /// Every cross-document problem: the same object declared twice, two TrafficPolicies
 /// for one Service, two MeshConfigs, two workloads on one address and port.
-pub fn compute(docs: &[Document]) -> Result<Snapshot, Vec<ConfigError>> {
+pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<ConfigError>> {
     let mut errors = Vec::new();
     let conflict = |errors: &mut Vec<ConfigError>, at: &Origin, what: String, first: &Origin| {
         errors.push(ConfigError {
@@ -96,6 +97,7 @@ pub fn compute(docs: &[Document]) -> Result<Snapshot, Vec<ConfigError>> {
     if !errors.is_empty() {
         return Err(errors);
     }
+    let warnings = dangling_targets(&services, &workloads, &traffic, &authz);
 
     let default_mesh = MeshConfigSpec::default();
     let mesh = mesh.map_or(&default_mesh, |(m, _)| m);
@@ -110,15 +112,11 @@ pub fn compute(docs: &[Document]) -> Result<Snapshot, Vec<ConfigError>> {
     let mut out = SnapshotBuilder::default();
     for (d, spec) in &services {
         let name = format!("{}.{}", d.name, d.namespace);
-        let policy = traffic
-            .get(&(d.namespace.as_str(), d.name.as_str()))
-            .map(|(tp, _)| *tp);
+        let policy = traffic.get(&(d.namespace.as_str(), d.name.as_str())).map(|(tp, _)| *tp);
         out.add(name.clone(), &service(d, spec, policy, cluster_domain));
         let endpoints = workloads
             .iter()
-            .filter(|(w, wspec)| {
-                w.namespace == d.namespace && wspec.ready && selects(&spec.selector, &w.labels)
-            })
+            .filter(|(w, wspec)| w.namespace == d.namespace && wspec.ready && selects(&spec.selector, &w.labels))
             .flat_map(|(w, wspec)| endpoints_of(spec, w, wspec, &trust_domain))
             .collect();
         out.add(
@@ -155,13 +153,9 @@ pub fn compute(docs: &[Document]) -> Result<Snapshot, Vec<ConfigError>> {
                     policy::MtlsMode::Permissive => pb::MtlsMode::Permissive,
                 } as i32,
                 default_policy: match mesh.default_inbound_policy {
-                    policy::DefaultInboundPolicy::AllAuthenticated => {
-                        pb::DefaultInboundPolicy::AllAuthenticated
-                    }
+                    policy::DefaultInboundPolicy::AllAuthenticated => pb::DefaultInboundPolicy::AllAuthenticated,
                     policy::DefaultInboundPolicy::Deny => pb::DefaultInboundPolicy::Deny,
-                    policy::DefaultInboundPolicy::AllUnauthenticated => {
-                        pb::DefaultInboundPolicy::AllUnauthenticated
-                    }
+                    policy::DefaultInboundPolicy::AllUnauthenticated => pb::DefaultInboundPolicy::AllUnauthenticated,
                 } as i32,
                 ports: spec
                     .ports
@@ -176,7 +170,59 @@ pub fn compute(docs: &[Document]) -> Result<Snapshot, Vec<ConfigError>> {
             },
         );
     }
-    Ok(out.build())
+    Ok((out.build(), warnings))
+}
+
+/// Policies that apply to nothing: a typo in a target silently leaves the default in
+/// force, which for authorization is a security surprise.
+fn dangling_targets(
+    services: &[(&Document, &ServiceSpec)],
+    workloads: &[(&Document, &WorkloadSpec)],
+    traffic: &BTreeMap<(&str, &str), (&TrafficPolicy, &Origin)>,
+    authz: &[(&Document, &AuthorizationPolicy)],
+) -> Vec<ConfigError> {
+    let service_exists = |ns: &str, name: &str| services.iter().any(|(s, _)| s.namespace == ns && s.name == name);
+    let warn = |at: &Origin, reason: String| ConfigError {
+        file: at.file.clone(),
+        line: at.line,
+        reason,
+    };
+    let mut warnings = Vec::new();
+    for ((ns, name), (_, origin)) in traffic {
+        if !service_exists(ns, name) {
+            warnings.push(warn(
+                origin,
+                format!("TrafficPolicy targets Service {ns}/{name}, which does not exist: it applies to nothing"),
+            ));
+        }
+    }
+    for (d, ap) in authz {
+        if let Some(t) = &ap.spec.target_ref
+            && !service_exists(&d.namespace, &t.name)
+        {
+            warnings.push(warn(
+                &d.origin,
+                format!(
+                    "AuthorizationPolicy {} targets Service {}/{}, which does not exist: it protects nothing",
+                    d.name, d.namespace, t.name
+                ),
+            ));
+        }
+        if let Some(sel) = &ap.spec.selector
+            && !workloads
+                .iter()
+                .any(|(w, _)| w.namespace == d.namespace && sel.matches(&w.labels))
+        {
+            warnings.push(warn(
+                &d.origin,
+                format!(
+                    "AuthorizationPolicy {} selects no workload in namespace {}: it protects nothing",
+                    d.name, d.namespace
+                ),
+            ));
+        }
+    }
+    warnings
 }
 
 /// A Service with an empty selector selects nothing (as in Kubernetes, where it means
@@ -185,11 +231,7 @@ fn selects(selector: &BTreeMap<String, String>, labels: &BTreeMap<String, String
     !selector.is_empty() && selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
-fn applies(
-    ap: &AuthorizationPolicy,
-    labels: &BTreeMap<String, String>,
-    in_services: &[&str],
-) -> bool {
+fn applies(ap: &AuthorizationPolicy, labels: &BTreeMap<String, String>, in_services: &[&str]) -> bool {
     match (&ap.spec.target_ref, &ap.spec.selector) {
         (Some(t), _) => in_services.contains(&t.name.as_str()),
         (None, Some(sel)) => sel.matches(labels),
@@ -207,12 +249,7 @@ fn protocol(p: AppProtocol) -> pb::Protocol {
     }
 }
 
-fn service(
-    d: &Document,
-    spec: &ServiceSpec,
-    policy: Option<&TrafficPolicy>,
-    cluster_domain: &str,
-) -> pb::Service {
+fn service(d: &Document, spec: &ServiceSpec, policy: Option<&TrafficPolicy>, cluster_domain: &str) -> pb::Service {
     let (name, ns) = (&d.name, &d.namespace);
     pb::Service {
         name: name.clone(),
@@ -232,20 +269,13 @@ fn service(
             })
             .collect(),
         traffic_policy: policy.map(|tp| traffic_policy(tp, ns)),
-        hostnames: vec![
-            format!("{name}.{ns}.svc"),
-            format!("{name}.{ns}.svc.{cluster_domain}"),
-            name.clone(),
-        ],
+        // A bare `<name>` is resolved by the proxy in its own namespace, as Kubernetes DNS
+        // does, so it is not listed: two namespaces may both have an `orders`.
+        hostnames: vec![format!("{name}.{ns}.svc"), format!("{name}.{ns}.svc.{cluster_domain}")],
     }
 }
 
-fn endpoints_of(
-    svc: &ServiceSpec,
-    w: &Document,
-    spec: &WorkloadSpec,
-    td: &TrustDomain,
-) -> Vec<pb::Endpoint> {
+fn endpoints_of(svc: &ServiceSpec, w: &Document, spec: &WorkloadSpec, td: &TrustDomain) -> Vec<pb::Endpoint> {
     let identity = if spec.inbound_port == 0 {
         String::new()
     } else {
@@ -270,6 +300,8 @@ fn endpoints_of(
                 identity: identity.clone(),
                 zone: spec.zone.clone(),
                 weight: spec.weight,
+                // Kept, as EndpointSlice keeps them, so a proxy can tell "not ready" from
+                // "gone"; the balancer skips them.
                 ready: spec.ready,
                 workload: w.name.clone(),
             })
@@ -412,25 +444,18 @@ spec:
     #[test]
     fn computes_services_endpoints_and_inbound_policy() {
         let docs = parse_file(Path::new("m.yaml"), MESH).unwrap();
-        let snap = compute(&docs).unwrap();
+        let (snap, warnings) = compute(&docs).unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
         let any = |t: &str, n: &str| snap.get(t).unwrap().resources[n].resource.clone().unwrap();
         let svc = pb::Service::from_any(&any(pb::Service::TYPE_URL, "orders.default")).unwrap();
-        assert_eq!(
-            svc.traffic_policy.unwrap().retries.unwrap().attempts,
-            Some(2)
-        );
+        assert_eq!(svc.traffic_policy.unwrap().retries.unwrap().attempts, Some(2));
         let eps = pb::Endpoints::from_any(&any(pb::Endpoints::TYPE_URL, "orders.default")).unwrap();
         // orders-2 has no port named `http`, so it serves no endpoint of this port.
         assert_eq!(eps.endpoints.len(), 1);
         let ep = &eps.endpoints[0];
-        assert_eq!(
-            (ep.address.as_str(), ep.port, ep.mesh_port),
-            ("127.0.1.1", 8080, 4143)
-        );
+        assert_eq!((ep.address.as_str(), ep.port, ep.mesh_port), ("127.0.1.1", 8080, 4143));
         assert_eq!(ep.identity, "spiffe://cluster.local/ns/default/sa/orders");
-        let inbound =
-            pb::InboundPolicy::from_any(&any(pb::InboundPolicy::TYPE_URL, "orders-1.default"))
-                .unwrap();
+        let inbound = pb::InboundPolicy::from_any(&any(pb::InboundPolicy::TYPE_URL, "orders-1.default")).unwrap();
         assert_eq!(inbound.authorizations.len(), 1);
         assert_eq!(inbound.authorizations[0].name, "web-only.default");
     }
@@ -439,7 +464,9 @@ spec:
     fn duplicates_are_refused_with_both_places() {
         let text = format!("{MESH}---\n{}", MESH.split("---\n").nth(3).unwrap());
         let docs = parse_file(Path::new("m.yaml"), &text).unwrap();
-        let errs = compute(&docs).unwrap_err();
+        let Err(errs) = compute(&docs) else {
+            panic!("a duplicate must be refused")
+        };
         assert!(
             errs.iter().any(|e| e
                 .reason

@@ -28,11 +28,7 @@ pub struct Snapshot {
 }
 
 /// The type URLs a snapshot holds, in the order they are served.
-pub const TYPE_URLS: [&str; 3] = [
-    Service::TYPE_URL,
-    Endpoints::TYPE_URL,
-    InboundPolicy::TYPE_URL,
-];
+pub const TYPE_URLS: [&str; 3] = [Service::TYPE_URL, Endpoints::TYPE_URL, InboundPolicy::TYPE_URL];
 
 impl Default for Snapshot {
     fn default() -> Self {
@@ -152,14 +148,8 @@ mod tests {
         let t = Service::TYPE_URL;
         let (s1, s2) = (one.get(t).unwrap(), other.get(t).unwrap());
         assert_ne!(s1.version, s2.version);
-        assert_eq!(
-            s1.resources["a.default"].version,
-            s2.resources["a.default"].version
-        );
-        assert_ne!(
-            s1.resources["b.default"].version,
-            s2.resources["b.default"].version
-        );
+        assert_eq!(s1.resources["a.default"].version, s2.resources["a.default"].version);
+        assert_ne!(s1.resources["b.default"].version, s2.resources["b.default"].version);
         assert_eq!(one.get(Endpoints::TYPE_URL).unwrap().resources.len(), 0);
     }
 }

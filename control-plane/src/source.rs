@@ -135,7 +135,7 @@ impl Body {
 const POLICY_API_VERSION: &str = "policy.wary.io/v1alpha1";
 
 /// Reads a configuration directory, remembering each file's last good documents.
-#[derive(Debug)]
+#[derive(Debug, Default)]
 pub struct ConfigDir {
     root: PathBuf,
     last_good: BTreeMap<PathBuf, Vec<Document>>,
@@ -192,8 +192,7 @@ impl ConfigDir {
                 Err(mut errs) => {
                     if self.last_good.contains_key(file) {
                         for e in &mut errs {
-                            e.reason
-                                .push_str(" (the file's last good version stays in force)");
+                            e.reason.push_str(" (the file's last good version stays in force)");
                         }
                     }
                     errors.extend(errs);
@@ -218,10 +217,7 @@ fn yaml_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
             }
             if entry.file_type()?.is_dir() {
                 stack.push(path);
-            } else if matches!(
-                path.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml")
-            ) {
+            } else if matches!(path.extension().and_then(|e| e.to_str()), Some("yaml" | "yml")) {
                 out.push(path);
             }
         }
@@ -270,18 +266,10 @@ pub fn parse_file(file: &Path, text: &str) -> Result<Vec<Document>, Vec<ConfigEr
             Err(errs) => errors.extend(errs),
         }
     }
-    if errors.is_empty() {
-        Ok(docs)
-    } else {
-        Err(errors)
-    }
+    if errors.is_empty() { Ok(docs) } else { Err(errors) }
 }
 
-fn parse_document(
-    file: &Path,
-    start: usize,
-    chunk: &str,
-) -> Result<Option<Document>, Vec<ConfigError>> {
+fn parse_document(file: &Path, start: usize, chunk: &str) -> Result<Option<Document>, Vec<ConfigError>> {
     let err = |line: usize, reason: String| {
         vec![ConfigError {
             file: file.to_path_buf(),
@@ -293,10 +281,7 @@ fn parse_document(
         Ok(v) => v,
         Err(e) => {
             let line = e.location().map_or(start, |l| start + l.line() - 1);
-            return Err(err(
-                line,
-                format!("not valid YAML: {}", strip_location(&e.to_string())),
-            ));
+            return Err(err(line, format!("not valid YAML: {}", strip_location(&e.to_string()))));
         }
     };
     if value.is_null() {
@@ -308,12 +293,7 @@ fn parse_document(
             "a document must be a mapping with apiVersion, kind, metadata and spec".into(),
         ));
     };
-    let field = |name: &str| {
-        map.get(name)
-            .and_then(|v| v.as_str())
-            .unwrap_or_default()
-            .to_string()
-    };
+    let field = |name: &str| map.get(name).and_then(|v| v.as_str()).unwrap_or_default().to_string();
     let (api_version, kind) = (field("apiVersion"), field("kind"));
     let origin = Origin {
         file: file.to_path_buf(),
@@ -335,20 +315,12 @@ fn parse_document(
         (POLICY_API_VERSION, "TrafficPolicy") => {
             let tp: TrafficPolicy = deserialize(chunk).map_err(typed)?;
             let errs = tp.spec.validate();
-            (
-                meta_of(&tp.metadata),
-                Body::TrafficPolicy(Box::new(tp)),
-                errs,
-            )
+            (meta_of(&tp.metadata), Body::TrafficPolicy(Box::new(tp)), errs)
         }
         (POLICY_API_VERSION, "AuthorizationPolicy") => {
             let ap: AuthorizationPolicy = deserialize(chunk).map_err(typed)?;
             let errs = ap.spec.validate();
-            (
-                meta_of(&ap.metadata),
-                Body::AuthorizationPolicy(Box::new(ap)),
-                errs,
-            )
+            (meta_of(&ap.metadata), Body::AuthorizationPolicy(Box::new(ap)), errs)
         }
         (POLICY_API_VERSION, "MeshConfig") => {
             let mc: MeshConfig = deserialize(chunk).map_err(typed)?;
@@ -370,8 +342,7 @@ fn parse_document(
         ("", _) | (_, "") => {
             return Err(err(
                 start,
-                "missing apiVersion or kind: every document starts with `apiVersion:` and `kind:`"
-                    .into(),
+                "missing apiVersion or kind: every document starts with `apiVersion:` and `kind:`".into(),
             ));
         }
         _ => {
@@ -401,10 +372,7 @@ fn parse_document(
         });
     }
     let namespace = if namespaced {
-        let ns = meta
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".to_string());
+        let ns = meta.namespace.clone().unwrap_or_else(|| "default".to_string());
         if let Err(e) = wary_certs::check_label("namespace", &ns) {
             errors.push(ConfigError {
                 file: file.to_path_buf(),
@@ -428,9 +396,7 @@ fn parse_document(
     }))
 }
 
-fn deserialize<T: DeserializeOwned>(
-    chunk: &str,
-) -> Result<T, serde_path_to_error::Error<serde_yaml::Error>> {
+fn deserialize<T: DeserializeOwned>(chunk: &str) -> Result<T, serde_path_to_error::Error<serde_yaml::Error>> {
     serde_path_to_error::deserialize(serde_yaml::Deserializer::from_str(chunk))
 }
 
@@ -467,8 +433,7 @@ fn locate(chunk: &str, path: &str) -> usize {
             let body = trimmed.trim_start_matches("- ");
             let col = l.len() - body.len();
             indent.is_none_or(|i| col > i)
-                && (body.starts_with(&format!("{key}:"))
-                    || body.starts_with(&format!("\"{key}\":")))
+                && (body.starts_with(&format!("{key}:")) || body.starts_with(&format!("\"{key}\":")))
         });
         match hit {
             Some((i, l)) => {
@@ -544,17 +509,10 @@ spec:
     #[test]
     fn unknown_kind_and_bad_yaml_are_located() {
         let errs = parse_file(Path::new("x.yaml"), "apiVersion: v1\nkind: Pod\n").unwrap_err();
-        assert!(
-            errs[0].reason.contains("unknown document v1/Pod"),
-            "{}",
-            errs[0]
-        );
+        assert!(errs[0].reason.contains("unknown document v1/Pod"), "{}", errs[0]);
         let text = "apiVersion: v1\nkind: Pod\n---\nkind: Service\nspec: [\n";
         let errs = parse_file(Path::new("x.yaml"), text).unwrap_err();
-        let yaml = errs
-            .iter()
-            .find(|e| e.reason.contains("not valid YAML"))
-            .unwrap();
+        let yaml = errs.iter().find(|e| e.reason.contains("not valid YAML")).unwrap();
         assert!((4..=6).contains(&yaml.line), "{yaml}");
     }
 }

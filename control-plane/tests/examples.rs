@@ -12,19 +12,9 @@ fn every_example_is_valid() {
             continue;
         }
         let loaded = ConfigDir::new(&dir).load().unwrap();
-        assert!(
-            loaded.errors.is_empty(),
-            "{}: {:?}",
-            dir.display(),
-            loaded.errors
-        );
-        assert!(
-            !loaded.documents.is_empty(),
-            "{} has no documents",
-            dir.display()
-        );
-        resources::compute(&loaded.documents)
-            .unwrap_or_else(|e| panic!("{}: {e:?}", dir.display()));
+        assert!(loaded.errors.is_empty(), "{}: {:?}", dir.display(), loaded.errors);
+        assert!(!loaded.documents.is_empty(), "{} has no documents", dir.display());
+        resources::compute(&loaded.documents).unwrap_or_else(|e| panic!("{}: {e:?}", dir.display()));
         seen += 1;
     }
     assert!(seen >= 1, "no example meshes found");

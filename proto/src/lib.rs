@@ -13,11 +13,7 @@
 
 /// The discovery protocol, version 1 (package `wary.discovery.v1`).
 pub mod discovery {
-    #![allow(
-        missing_docs,
-        clippy::large_enum_variant,
-        clippy::doc_lazy_continuation
-    )]
+    #![allow(missing_docs, clippy::large_enum_variant, clippy::doc_lazy_continuation)]
     tonic::include_proto!("wary.discovery.v1");
 }
 
@@ -90,8 +86,7 @@ impl std::error::Error for DecodeError {}
 macro_rules! typed {
     ($ty:ident, $kind:literal) => {
         impl TypedResource for discovery::$ty {
-            const TYPE_URL: &'static str =
-                concat!("type.googleapis.com/wary.discovery.v1.", stringify!($ty));
+            const TYPE_URL: &'static str = concat!("type.googleapis.com/wary.discovery.v1.", stringify!($ty));
             const KIND: &'static str = $kind;
         }
     };
@@ -124,16 +119,10 @@ mod tests {
             ..Default::default()
         };
         let any = svc.to_any();
-        assert_eq!(
-            any.type_url,
-            "type.googleapis.com/wary.discovery.v1.Service"
-        );
+        assert_eq!(any.type_url, "type.googleapis.com/wary.discovery.v1.Service");
         assert_eq!(discovery::Service::from_any(&any).unwrap(), svc);
         let err = discovery::Endpoints::from_any(&any).unwrap_err();
-        assert!(
-            err.to_string().contains("wary.discovery.v1.Service"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("wary.discovery.v1.Service"), "{err}");
         assert_eq!(kind_of(&any.type_url), "service");
         assert_eq!(kind_of("type.googleapis.com/other"), "unknown");
     }

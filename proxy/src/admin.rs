@@ -15,6 +15,9 @@ use metrics_exporter_prometheus::PrometheusHandle;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
+use wary_proto::TypedResource;
+use wary_proto::discovery::InboundPolicy;
+
 use crate::state::{Cache, DiscoveryState};
 
 /// What the admin pages read.
@@ -24,8 +27,9 @@ pub struct Admin {
     pub prometheus: PrometheusHandle,
     /// The discovery state.
     pub cache: Arc<Cache>,
-    /// The type URLs that must be synced before `/ready` answers 200.
-    pub required: Vec<&'static str>,
+    /// What the proxy subscribed to (type URL, names): each type must have arrived,
+    /// and each named resource must exist, before `/ready` answers 200.
+    pub subscriptions: Vec<(&'static str, Vec<String>)>,
 }
 
 impl Admin {
@@ -67,19 +71,18 @@ impl Admin {
             }
             "/live" => text(StatusCode::OK, "ok\n".into()),
             "/ready" => {
-                if self.cache.load().synced(&self.required) {
+                let missing = self.missing();
+                if missing.is_empty() {
                     text(StatusCode::OK, "ok\n".into())
                 } else {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: waiting for the first configuration from the control plane\n"
-                            .into(),
+                        format!("not ready:\n{}\n", missing.join("\n")),
                     )
                 }
             }
             "/config_dump" => {
-                let body =
-                    serde_json::to_vec_pretty(&config_dump(&self.cache.load())).unwrap_or_default();
+                let body = serde_json::to_vec_pretty(&config_dump(&self.cache.load())).unwrap_or_default();
                 let mut r = Response::new(Full::new(Bytes::from(body)));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -92,6 +95,32 @@ impl Admin {
                 format!("no admin page {other}: try /metrics, /ready, /live or /config_dump\n"),
             ),
         }
+    }
+}
+
+impl Admin {
+    /// Why the proxy is not ready, one reason a line; empty when it is.
+    pub fn missing(&self) -> Vec<String> {
+        let state = self.cache.load();
+        let mut missing = Vec::new();
+        for (type_url, names) in &self.subscriptions {
+            let kind = wary_proto::kind_of(type_url);
+            if !state.synced(&[type_url]) {
+                missing.push(format!("waiting for the first {kind} update from the control plane"));
+                continue;
+            }
+            for name in names.iter().filter(|n| n.as_str() != wary_proto::WILDCARD) {
+                if type_url == &<InboundPolicy as TypedResource>::TYPE_URL && !state.inbound.items.contains_key(name) {
+                    missing.push(format!(
+                        "the control plane has no workload {name}: check --workload and --namespace against its Workload documents"
+                    ));
+                }
+            }
+        }
+        if !missing.is_empty() && !self.cache.connected() {
+            missing.push("the discovery stream is down: is the control plane running? (see this proxy's log)".into());
+        }
+        missing
     }
 }
 

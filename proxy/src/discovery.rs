@@ -24,13 +24,27 @@ use tokio_stream::wrappers::ReceiverStream;
 use wary_certs::SpiffeId;
 use wary_proto::discovery::discovery_client::DiscoveryClient as GrpcClient;
 use wary_proto::discovery::{
-    DiscoveryRequest, DiscoveryResponse, Endpoints, ErrorDetail, InboundPolicy, Node, Resource,
-    Service, load_balancer,
+    DiscoveryRequest, DiscoveryResponse, Endpoints, ErrorDetail, InboundPolicy, Node, Resource, Service, load_balancer,
 };
 use wary_proto::{TypedResource, WILDCARD, kind_of};
 
 use crate::metrics as m;
 use crate::state::{Cache, DiscoveryState, Resources};
+
+/// The largest discovery response accepted: 64 MiB, as the control plane's limit.
+pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
+
+/// An error and its causes, `a: b: c`.
+fn causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
 
 /// Reconnection backoff: full jitter (AWS Architecture Blog, "Exponential Backoff And
 /// Jitter"), attempt n waits uniform(0, min(max, base × 2^n)).
@@ -104,10 +118,7 @@ impl DiscoveryConfig {
             } else {
                 &self.node.namespace
             };
-            subs.push((
-                InboundPolicy::TYPE_URL,
-                vec![format!("{}.{ns}", self.node.workload)],
-            ));
+            subs.push((InboundPolicy::TYPE_URL, vec![format!("{}.{ns}", self.node.workload)]));
         }
         subs
     }
@@ -117,13 +128,12 @@ impl DiscoveryConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     /// The control plane could not be reached.
-    #[error("cannot connect to the control plane at {url}: {source}")]
+    #[error("cannot connect to the control plane at {url}: {reason}; is it running, and is --control-plane right?")]
     Connect {
         /// The URL tried.
         url: String,
-        /// What failed.
-        #[source]
-        source: tonic::transport::Error,
+        /// What failed, with its causes (tonic's own message is only "transport error").
+        reason: String,
     },
     /// The stream was refused or broke.
     #[error("discovery stream failed: {0}")]
@@ -141,6 +151,7 @@ pub async fn run(config: DiscoveryConfig, cache: Arc<Cache>) {
         let mut progressed = false;
         let result = session(&config, &cache, &mut progressed).await;
         metrics::gauge!(m::DISCOVERY_CONNECTED).set(0.0);
+        cache.set_connected(false);
         if progressed {
             attempt = 0;
         }
@@ -159,14 +170,10 @@ pub async fn run(config: DiscoveryConfig, cache: Arc<Cache>) {
 
 /// One stream: returns when it ends. `progressed` is set once a response was applied,
 /// so the caller resets its backoff.
-async fn session(
-    config: &DiscoveryConfig,
-    cache: &Cache,
-    progressed: &mut bool,
-) -> Result<(), SessionError> {
-    let connect_err = |source| SessionError::Connect {
+async fn session(config: &DiscoveryConfig, cache: &Cache, progressed: &mut bool) -> Result<(), SessionError> {
+    let connect_err = |e: tonic::transport::Error| SessionError::Connect {
         url: config.control_plane.clone(),
-        source,
+        reason: causes(&e),
     };
     let channel = tonic::transport::Endpoint::from_shared(config.control_plane.clone())
         .map_err(connect_err)?
@@ -193,10 +200,12 @@ async fn session(
         let _ = tx.try_send(request);
     }
     let mut responses = GrpcClient::new(channel)
+        .max_decoding_message_size(MAX_RESPONSE_BYTES)
         .stream(ReceiverStream::new(rx))
         .await?
         .into_inner();
     metrics::gauge!(m::DISCOVERY_CONNECTED).set(1.0);
+    cache.set_connected(true);
     tracing::info!(control_plane = %config.control_plane, "discovery connected");
     while let Some(response) = responses.message().await? {
         let answer = apply(config, cache, response);
@@ -215,22 +224,17 @@ fn apply(config: &DiscoveryConfig, cache: &Cache, response: DiscoveryResponse) -
     let mut state = DiscoveryState::clone(&cache.load());
     let previous_version = state.version_info(type_url).to_string();
     let mut errors = Vec::new();
-    let check = |r: &Resource| {
-        config
-            .extra_check
-            .as_ref()
-            .map_or(Ok(()), |c| c(type_url, r))
-    };
+    let check = |r: &Resource| config.extra_check.as_ref().map_or(Ok(()), |c| c(type_url, r));
     match type_url {
-        Service::TYPE_URL => merge(&mut state.services, &response, &mut errors, |r| {
+        Service::TYPE_URL => merge(Arc::make_mut(&mut state.services), &response, &mut errors, |r| {
             check(r)?;
             check_service(decode(r)?)
         }),
-        Endpoints::TYPE_URL => merge(&mut state.endpoints, &response, &mut errors, |r| {
+        Endpoints::TYPE_URL => merge(Arc::make_mut(&mut state.endpoints), &response, &mut errors, |r| {
             check(r)?;
             check_endpoints(decode(r)?)
         }),
-        InboundPolicy::TYPE_URL => merge(&mut state.inbound, &response, &mut errors, |r| {
+        InboundPolicy::TYPE_URL => merge(Arc::make_mut(&mut state.inbound), &response, &mut errors, |r| {
             check(r)?;
             check_inbound(decode(r)?)
         }),
@@ -300,9 +304,9 @@ fn merge<T>(
 
 fn set_version(state: &mut DiscoveryState, type_url: &str, version: &str) {
     let v = match type_url {
-        Service::TYPE_URL => &mut state.services.version_info,
-        Endpoints::TYPE_URL => &mut state.endpoints.version_info,
-        InboundPolicy::TYPE_URL => &mut state.inbound.version_info,
+        Service::TYPE_URL => &mut Arc::make_mut(&mut state.services).version_info,
+        Endpoints::TYPE_URL => &mut Arc::make_mut(&mut state.endpoints).version_info,
+        InboundPolicy::TYPE_URL => &mut Arc::make_mut(&mut state.inbound).version_info,
         _ => return,
     };
     *v = version.to_string();
@@ -323,11 +327,7 @@ fn check_service(s: Service) -> Result<Service, String> {
         wary_proto::discovery::Protocol::try_from(p.protocol)
             .map_err(|_| format!("unknown protocol {}", p.protocol))?;
     }
-    if let Some(lb) = s
-        .traffic_policy
-        .as_ref()
-        .and_then(|tp| tp.load_balancer.as_ref())
-    {
+    if let Some(lb) = s.traffic_policy.as_ref().and_then(|tp| tp.load_balancer.as_ref()) {
         load_balancer::Algorithm::try_from(lb.algorithm)
             .map_err(|_| format!("unknown load balancer algorithm {}", lb.algorithm))?;
     }
@@ -349,9 +349,24 @@ fn check_endpoints(e: Endpoints) -> Result<Endpoints, String> {
 }
 
 fn check_inbound(p: InboundPolicy) -> Result<InboundPolicy, String> {
+    use wary_proto::discovery::{DefaultInboundPolicy, MtlsMode, Protocol, authorization::Action};
     p.identity.parse::<SpiffeId>().map_err(|e| e.to_string())?;
+    MtlsMode::try_from(p.mtls_mode).map_err(|_| format!("unknown mTLS mode {}", p.mtls_mode))?;
+    DefaultInboundPolicy::try_from(p.default_policy)
+        .map_err(|_| format!("unknown default inbound policy {}", p.default_policy))?;
     for port_ in &p.ports {
         port(port_.port, "port")?;
+        Protocol::try_from(port_.protocol).map_err(|_| format!("unknown protocol {}", port_.protocol))?;
+        if let Some(m) = port_.mtls_mode {
+            MtlsMode::try_from(m).map_err(|_| format!("unknown mTLS mode {m} on port {}", port_.port))?;
+        }
+    }
+    for a in &p.authorizations {
+        match Action::try_from(a.action) {
+            Ok(Action::Allow | Action::Deny) => {}
+            // Failing closed: a policy whose action is unknown must not allow anything.
+            _ => return Err(format!("authorization {} has no known action ({})", a.name, a.action)),
+        }
     }
     Ok(p)
 }
@@ -367,13 +382,13 @@ mod tests {
             assert!(b.delay(attempt) <= b.max);
         }
         assert!(b.delay(0) <= Duration::from_millis(100));
+        // Full jitter draws from [0, ceiling]: the largest of many draws at attempt 5
+        // (ceiling 3.2 s) is far above attempt 0's ceiling.
+        let most = (0..200).map(|_| b.delay(5)).max().unwrap();
+        assert!(most > Duration::from_secs(1), "{most:?}");
     }
 
-    fn response(
-        resources: Vec<Resource>,
-        removed: Vec<String>,
-        version: &str,
-    ) -> DiscoveryResponse {
+    fn response(resources: Vec<Resource>, removed: Vec<String>, version: &str) -> DiscoveryResponse {
         DiscoveryResponse {
             type_url: Endpoints::TYPE_URL.into(),
             version_info: version.into(),
@@ -426,16 +441,11 @@ mod tests {
         let detail = nack.error_detail.expect("a NACK");
         assert_eq!(detail.rejected_resources, ["a.default"]);
         assert!(
-            detail
-                .message
-                .contains("\"not-an-ip\" is not an IP address"),
+            detail.message.contains("\"not-an-ip\" is not an IP address"),
             "{}",
             detail.message
         );
-        assert_eq!(
-            nack.version_info, "v1",
-            "a NACK carries the version still in use"
-        );
+        assert_eq!(nack.version_info, "v1", "a NACK carries the version still in use");
         let state = cache.load();
         assert_eq!(
             state.endpoints.items["a.default"].endpoints[0].address, "127.0.0.1",
@@ -446,11 +456,7 @@ mod tests {
             "applied the valid resource"
         );
 
-        let ack = apply(
-            &config,
-            &cache,
-            response(vec![], vec!["b.default".into()], "v3"),
-        );
+        let ack = apply(&config, &cache, response(vec![], vec!["b.default".into()], "v3"));
         assert!(ack.error_detail.is_none());
         assert!(!cache.load().endpoints.items.contains_key("b.default"));
     }

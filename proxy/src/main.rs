@@ -17,11 +17,7 @@ use wary_proxy::{admin::Admin, discovery, metrics as m, state::Cache};
 #[command(version, about)]
 struct Args {
     /// The control plane's discovery URL.
-    #[arg(
-        long,
-        env = "WARY_CONTROL_PLANE",
-        default_value = "http://127.0.0.1:8086"
-    )]
+    #[arg(long, env = "WARY_CONTROL_PLANE", default_value = "http://127.0.0.1:8086")]
     control_plane: String,
     /// The workload this proxy fronts (its `Workload` document or pod name). Empty for
     /// a proxy that only sends traffic.
@@ -45,8 +41,7 @@ struct Args {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let filter =
-        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -62,14 +57,9 @@ async fn main() -> anyhow::Result<()> {
         .context("cannot install the metrics recorder")?;
     m::describe();
 
-    let id = args.id.unwrap_or_else(|| {
-        format!(
-            "{}.{}/{}",
-            args.workload,
-            args.namespace,
-            std::process::id()
-        )
-    });
+    let id = args
+        .id
+        .unwrap_or_else(|| format!("{}.{}/{}", args.workload, args.namespace, std::process::id()));
     let node = Node {
         id,
         workload: args.workload,
@@ -78,7 +68,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let config = discovery::DiscoveryConfig::new(args.control_plane, node);
     let cache = Arc::new(Cache::default());
-    let required = config.subscriptions().iter().map(|(t, _)| *t).collect();
+    let subscriptions = config.subscriptions();
 
     let admin_listener = TcpListener::bind(args.admin_addr).await.with_context(|| {
         format!(
@@ -91,7 +81,7 @@ async fn main() -> anyhow::Result<()> {
         Admin {
             prometheus,
             cache: cache.clone(),
-            required,
+            subscriptions,
         }
         .serve(admin_listener),
     );

@@ -7,6 +7,7 @@
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use arc_swap::ArcSwap;
 use tokio::sync::watch;
@@ -40,12 +41,13 @@ impl<T> Default for Resources<T> {
 /// Everything discovery has delivered.
 #[derive(Debug, Clone, Default)]
 pub struct DiscoveryState {
-    /// Services, by `<name>.<namespace>`.
-    pub services: Resources<Service>,
+    /// Services, by `<name>.<namespace>`. Each type sits behind its own `Arc`, so an
+    /// update copies only the type it changes.
+    pub services: Arc<Resources<Service>>,
     /// Endpoints, by service `<name>.<namespace>`.
-    pub endpoints: Resources<Endpoints>,
+    pub endpoints: Arc<Resources<Endpoints>>,
     /// Inbound policies, by `<workload>.<namespace>` (a proxy subscribes to its own).
-    pub inbound: Resources<InboundPolicy>,
+    pub inbound: Arc<Resources<InboundPolicy>>,
     /// Bumped on every change; 0 before the first.
     pub generation: u64,
 }
@@ -81,9 +83,9 @@ impl DiscoveryState {
         })
     }
 
-    /// The service a client names: a resource name (`orders.default`), or one of the
-    /// service's host names (`orders.default.svc.cluster.local`). Linear in the number
-    /// of services for host names; the outbound path indexes them when it arrives.
+    /// The service with resource name `name` (`orders.default`), or with `name` among
+    /// its qualified host names (`orders.default.svc.cluster.local`). Linear in the
+    /// number of services for host names; the outbound path indexes them when it lands.
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
         self.services.items.get(name).or_else(|| {
             self.services
@@ -92,6 +94,17 @@ impl DiscoveryState {
                 .find(|s| s.hostnames.iter().any(|h| h == name))
         })
     }
+
+    /// The service a client in `client_namespace` means by `host`: a bare name
+    /// (`orders`) resolves in the client's own namespace, as Kubernetes DNS does;
+    /// anything else as [`DiscoveryState::service`].
+    pub fn resolve(&self, host: &str, client_namespace: &str) -> Option<&Arc<Service>> {
+        if host.contains('.') {
+            self.service(host)
+        } else {
+            self.services.items.get(&format!("{host}.{client_namespace}"))
+        }
+    }
 }
 
 /// The shared, lock-free view of [`DiscoveryState`].
@@ -99,6 +112,7 @@ impl DiscoveryState {
 pub struct Cache {
     state: ArcSwap<DiscoveryState>,
     changed: watch::Sender<u64>,
+    connected: AtomicBool,
 }
 
 impl Default for Cache {
@@ -106,6 +120,7 @@ impl Default for Cache {
         Self {
             state: ArcSwap::from_pointee(DiscoveryState::default()),
             changed: watch::channel(0).0,
+            connected: AtomicBool::new(false),
         }
     }
 }
@@ -127,5 +142,15 @@ impl Cache {
     /// A receiver that wakes after each [`Cache::store`], carrying the generation.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.changed.subscribe()
+    }
+
+    /// Whether the discovery stream is up right now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::Relaxed)
+    }
+
+    /// Records whether the discovery stream is up.
+    pub fn set_connected(&self, up: bool) {
+        self.connected.store(up, Ordering::Relaxed);
     }
 }

@@ -2,9 +2,10 @@
 //! processes on loopback, a real discovery client, and `curl` for admin pages.
 //!
 //! ```ignore
-//! let mesh = MeshDir::new().file("orders.yaml", &service("orders", 80));
+//! let mesh = MeshDir::new();
+//! mesh.write("orders.yaml", &service("orders", 80));
 //! let cp = ControlPlane::start(mesh.path()).await;
-//! let client = Client::connect(&cp.discovery_url()).await;
+//! let client = Client::connect(&cp.discovery_url(), "test-proxy");
 //! client.wait_for("orders is known", |s| s.service("orders.default").is_some()).await;
 //! ```
 //!
@@ -189,6 +190,17 @@ impl ControlPlane {
     pub async fn kill(mut self) {
         self.child.kill().await.expect("kill the control plane");
     }
+
+    /// Sends SIGTERM and waits for the process to exit; returns its exit status.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().expect("the control plane is running");
+        let sent = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+        tokio::time::timeout(DEADLINE, self.child.wait())
+            .await
+            .expect("the control plane exits after SIGTERM")
+            .expect("wait for the control plane")
+    }
 }
 
 async fn first_line(child: &mut Child) -> String {
@@ -246,7 +258,7 @@ impl Proxy {
         }
     }
 
-    /// GETs an admin page; returns the status code and body.
+    /// GETs an admin page; see [`curl`] for the shape of the answer.
     pub async fn admin_get(&self, path: &str) -> String {
         curl(&format!("http://{}{path}", self.admin)).await
     }
@@ -257,11 +269,7 @@ impl Proxy {
     }
 
     /// Waits until `/config_dump` satisfies `cond`.
-    pub async fn wait_for_dump(
-        &self,
-        what: &str,
-        cond: impl Fn(&serde_json::Value) -> bool,
-    ) -> serde_json::Value {
+    pub async fn wait_for_dump(&self, what: &str, cond: impl Fn(&serde_json::Value) -> bool) -> serde_json::Value {
         wait_until(what, || async {
             let dump = self.config_dump().await;
             cond(&dump).then_some(dump)
@@ -294,7 +302,7 @@ where
     Fut: std::future::Future<Output = Option<T>>,
 {
     let wait = async {
-        let mut interval = tokio::time::interval(Duration::from_millis(20));
+        let mut interval = tokio::time::interval(Duration::from_millis(50));
         loop {
             interval.tick().await;
             if let Some(v) = poll().await {
@@ -340,11 +348,7 @@ impl Client {
     }
 
     /// Waits until the state satisfies `cond` and returns that state.
-    pub async fn wait_for(
-        &self,
-        what: &str,
-        cond: impl Fn(&DiscoveryState) -> bool,
-    ) -> Arc<DiscoveryState> {
+    pub async fn wait_for(&self, what: &str, cond: impl Fn(&DiscoveryState) -> bool) -> Arc<DiscoveryState> {
         self.wait_for_within(what, DEADLINE, cond).await
     }
 

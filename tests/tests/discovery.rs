@@ -13,51 +13,35 @@ use wary_proto::{TypedResource, WILDCARD};
 use wary_tests::{Client, ControlPlane, DEADLINE, MeshDir, Proxy, service, wait_until, workload};
 
 fn port_of(state: &wary_proxy::state::DiscoveryState, svc: &str) -> Option<u32> {
-    state
-        .service(svc)
-        .and_then(|s| s.ports.first())
-        .map(|p| p.port)
+    state.service(svc).and_then(|s| s.ports.first()).map(|p| p.port)
 }
 
 #[tokio::test]
 async fn an_edit_reaches_the_client_within_one_second() {
     let mesh = MeshDir::new();
     mesh.write("orders.yaml", &service("orders", 80));
-    mesh.write(
-        "orders-1.yaml",
-        &workload("orders-1", "orders", "127.0.1.1", 8080),
-    );
+    mesh.write("orders-1.yaml", &workload("orders-1", "orders", "127.0.1.1", 8080));
     let cp = ControlPlane::start(mesh.path()).await;
     let client = Client::connect(&cp.discovery_url(), "edit-test");
     let state = client
-        .wait_for("orders on port 80", |s| {
-            port_of(s, "orders.default") == Some(80)
-        })
+        .wait_for("orders on port 80", |s| port_of(s, "orders.default") == Some(80))
         .await;
     let eps = &state.endpoints.items["orders.default"].endpoints;
     assert_eq!(eps.len(), 1);
     assert_eq!((eps[0].address.as_str(), eps[0].port), ("127.0.1.1", 8080));
-    assert_eq!(
-        eps[0].identity,
-        "spiffe://cluster.local/ns/default/sa/orders"
-    );
+    assert_eq!(eps[0].identity, "spiffe://cluster.local/ns/default/sa/orders");
 
     let written = Instant::now();
     mesh.write("orders.yaml", &service("orders", 81));
     client
-        .wait_for_within(
-            "orders on port 81 within 1 s",
-            Duration::from_secs(1),
-            |s| port_of(s, "orders.default") == Some(81),
-        )
+        .wait_for_within("orders on port 81 within 1 s", Duration::from_secs(1), |s| {
+            port_of(s, "orders.default") == Some(81)
+        })
         .await;
     eprintln!("edit reached the client in {:?}", written.elapsed());
 
     // A new workload shows up as an endpoint; removing it removes the endpoint.
-    mesh.write(
-        "orders-2.yaml",
-        &workload("orders-2", "orders", "127.0.1.2", 8080),
-    );
+    mesh.write("orders-2.yaml", &workload("orders-2", "orders", "127.0.1.2", 8080));
     client
         .wait_for("two endpoints", |s| {
             s.endpoints
@@ -69,8 +53,7 @@ async fn an_edit_reaches_the_client_within_one_second() {
     mesh.remove("orders.yaml");
     client
         .wait_for("orders removed", |s| {
-            s.service("orders.default").is_none()
-                && !s.endpoints.items.contains_key("orders.default")
+            s.service("orders.default").is_none() && !s.endpoints.items.contains_key("orders.default")
         })
         .await;
 }
@@ -166,10 +149,7 @@ async fn a_nack_is_recorded_and_later_updates_still_flow() {
         .await;
 
     mesh.write("legacy.yaml", &service("legacy", 70));
-    let line = cp
-        .logs
-        .wait_for(&["proxy NACKed an update", "nack-test"])
-        .await;
+    let line = cp.logs.wait_for(&["proxy NACKed an update", "nack-test"]).await;
     assert!(
         line.contains("legacy services are not supported by this proxy"),
         "{line}"
@@ -217,23 +197,20 @@ async fn a_nack_is_recorded_and_later_updates_still_flow() {
 async fn a_proxy_rides_out_a_control_plane_restart() {
     let mesh = MeshDir::new();
     mesh.write("orders.yaml", &service("orders", 80));
-    mesh.write(
-        "orders-1.yaml",
-        &workload("orders-1", "orders", "127.0.1.1", 8080),
-    );
+    mesh.write("audit.yaml", &service("audit", 81));
+    mesh.write("billing.yaml", &service("billing", 82));
+    mesh.write("orders-1.yaml", &workload("orders-1", "orders", "127.0.1.1", 8080));
     let cp = ControlPlane::start(mesh.path()).await;
     let discovery = cp.discovery;
     let proxy = Proxy::start(&cp.discovery_url(), "orders-1").await;
     let client = Client::connect(&cp.discovery_url(), "restart-test");
     proxy
-        .wait_for_dump("orders and its inbound policy", |d| {
-            d["services"][0]["name"] == "orders.default"
+        .wait_for_dump("three services and the inbound policy", |d| {
+            d["services"].as_array().is_some_and(|s| s.len() == 3)
                 && d["inbound_policies"][0]["name"] == "orders-1.default"
         })
         .await;
-    client
-        .wait_for("orders", |s| s.service("orders.default").is_some())
-        .await;
+    client.wait_for("three services", |s| s.services.items.len() == 3).await;
     assert_eq!(proxy.admin_get("/ready").await, "ok\n");
 
     cp.kill().await;
@@ -243,11 +220,14 @@ async fn a_proxy_rides_out_a_control_plane_restart() {
         .await;
     // While the control plane is away the proxy still serves its last good state.
     let dump = proxy.config_dump().await;
-    assert_eq!(dump["services"][0]["name"], "orders.default");
-    assert_eq!(
-        dump["endpoints"][0]["endpoints"][0]["address"],
-        "127.0.1.1:8080"
-    );
+    assert_eq!(dump["services"].as_array().unwrap().len(), 3);
+    let orders = dump["endpoints"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["service"] == "orders.default")
+        .cloned();
+    assert_eq!(orders.unwrap()["endpoints"][0]["address"], "127.0.1.1:8080");
     assert_eq!(proxy.admin_get("/ready").await, "ok\n");
     assert!(
         proxy
@@ -255,22 +235,32 @@ async fn a_proxy_rides_out_a_control_plane_restart() {
             .await
             .contains("wary_proxy_discovery_connected 0")
     );
-    assert!(client.cache.load().service("orders.default").is_some());
+    assert_eq!(client.cache.load().services.items.len(), 3);
 
-    // The configuration changes while the control plane is down.
-    mesh.write("billing.yaml", &service("billing", 90));
-    mesh.write("orders.yaml", &service("orders", 81));
+    // The configuration changes while the control plane is down: one service changes,
+    // one goes, one comes, one stays as it was.
+    mesh.write("orders.yaml", &service("orders", 90));
+    mesh.remove("audit.yaml");
+    mesh.write("shipping.yaml", &service("shipping", 83));
     let cp = ControlPlane::start_at(mesh.path(), discovery).await;
     let back = Instant::now();
     let bound = wary_proxy::discovery::Backoff::default().max;
-    client
-        .wait_for("the client converges", |s| {
-            s.service("billing.default").is_some() && port_of(s, "orders.default") == Some(81)
-        })
-        .await;
+    let converged = |s: &wary_proxy::state::DiscoveryState| {
+        port_of(s, "orders.default") == Some(90)
+            && s.service("audit.default").is_none()
+            && s.service("shipping.default").is_some()
+            && port_of(s, "billing.default") == Some(82)
+    };
+    client.wait_for("the client converges", converged).await;
     proxy
         .wait_for_dump("the proxy converges", |d| {
-            d["services"].as_array().is_some_and(|s| s.len() == 2)
+            let names: Vec<_> = d["services"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["name"].clone())
+                .collect();
+            names == ["billing.default", "orders.default", "shipping.default"]
         })
         .await;
     let took = back.elapsed();
@@ -283,21 +273,70 @@ async fn a_proxy_rides_out_a_control_plane_restart() {
             .await
             .contains("wary_proxy_discovery_connected 1")
     );
-    // Resumed, not restarted: the proxy sent the versions it held, so only the two
-    // changed services travelled on the new stream.
-    cp.logs
-        .wait_for(&["kind=\"service\"", "changed=2", "removed=0"])
+    // Resumed, not restarted: the proxy sent the versions it held, so only the changed
+    // and new services travelled, plus the removal; billing did not.
+    let push = cp.logs.wait_for(&["kind=\"service\"", "changed=2", "removed=1"]).await;
+    assert!(
+        !cp.logs
+            .all()
+            .iter()
+            .any(|l| l.contains("kind=\"service\"") && l.contains("changed=3")),
+        "{push}"
+    );
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_control_plane_with_proxies_connected() {
+    let mesh = MeshDir::new();
+    mesh.write("orders.yaml", &service("orders", 80));
+    let cp = ControlPlane::start(mesh.path()).await;
+    let client = Client::connect(&cp.discovery_url(), "sigterm-test");
+    client
+        .wait_for("orders", |s| s.service("orders.default").is_some())
         .await;
+    let logs = cp.logs.clone();
+    let status = cp.terminate().await;
+    assert!(status.success(), "{status}");
+    logs.wait_for(&["control plane stopped"]).await;
+}
+
+#[tokio::test]
+async fn a_broken_file_at_start_up_holds_discovery_until_it_is_fixed() {
+    let mesh = MeshDir::new();
+    mesh.write("billing.yaml", &service("billing", 90));
+    mesh.write("orders.yaml", &service("orders", 80).replace("port: 80", "port: -1"));
+    let cp = ControlPlane::start(mesh.path()).await;
+    cp.logs.wait_for(&["orders.yaml:10:", "spec.ports[0].port"]).await;
+    let ready = cp.admin_get("/ready").await;
+    assert!(
+        ready.starts_with("HTTP 503") && ready.contains("orders.yaml:10"),
+        "{ready}"
+    );
+    let proxy = Proxy::start(&cp.discovery_url(), "").await;
+    proxy
+        .logs
+        .wait_for(&["configuration has errors", "serves nothing until"])
+        .await;
+    let not_ready = proxy.admin_get("/ready").await;
+    assert!(
+        not_ready.contains("waiting for the first service update"),
+        "{not_ready}"
+    );
+
+    mesh.write("orders.yaml", &service("orders", 80));
+    proxy
+        .wait_for_dump("both services", |d| {
+            d["services"].as_array().is_some_and(|s| s.len() == 2)
+        })
+        .await;
+    assert_eq!(cp.admin_get("/ready").await, "ok\n");
 }
 
 /// Opens a raw stream subscribed to every Service, with `held` as the versions held.
 async fn raw_stream(
     url: String,
     held: std::collections::BTreeMap<String, String>,
-) -> (
-    mpsc::Sender<DiscoveryRequest>,
-    tonic::Streaming<DiscoveryResponse>,
-) {
+) -> (mpsc::Sender<DiscoveryRequest>, tonic::Streaming<DiscoveryResponse>) {
     let mut grpc = DiscoveryClient::connect(url).await.expect("connect");
     let (tx, rx) = mpsc::channel(4);
     tx.send(DiscoveryRequest {
@@ -332,20 +371,13 @@ async fn next(responses: &mut tonic::Streaming<DiscoveryResponse>) -> DiscoveryR
 async fn changing_one_of_a_hundred_services_sends_one_resource() {
     let mesh = MeshDir::new();
     for i in 0..100 {
-        mesh.write(
-            &format!("svc-{i}.yaml"),
-            &service(&format!("svc-{i}"), 8000 + i),
-        );
+        mesh.write(&format!("svc-{i}.yaml"), &service(&format!("svc-{i}"), 8000 + i));
     }
     let cp = ControlPlane::start(mesh.path()).await;
     let (tx, mut responses) = raw_stream(cp.discovery_url(), Default::default()).await;
 
     let full = next(&mut responses).await;
-    assert_eq!(
-        full.resources.len(),
-        100,
-        "the first response is the full state"
-    );
+    assert_eq!(full.resources.len(), 100, "the first response is the full state");
     tx.send(DiscoveryRequest {
         type_url: Service::TYPE_URL.into(),
         response_nonce: full.nonce.clone(),
@@ -358,11 +390,7 @@ async fn changing_one_of_a_hundred_services_sends_one_resource() {
     mesh.write("svc-42.yaml", &service("svc-42", 9042));
     let delta = next(&mut responses).await;
     let names: Vec<_> = delta.resources.iter().map(|r| r.name.as_str()).collect();
-    assert_eq!(
-        names,
-        ["svc-42.default"],
-        "only the changed service travels"
-    );
+    assert_eq!(names, ["svc-42.default"], "only the changed service travels");
     assert!(delta.removed_resources.is_empty());
     assert_ne!(delta.nonce, full.nonce);
     assert_ne!(delta.version_info, full.version_info);
@@ -403,15 +431,139 @@ async fn a_stream_without_a_node_id_is_refused_with_a_reason() {
     })
     .await
     .unwrap();
-    let mut responses = grpc
-        .stream(ReceiverStream::new(rx))
-        .await
-        .unwrap()
-        .into_inner();
+    let mut responses = grpc.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
     let status = tokio::time::timeout(DEADLINE, responses.message())
         .await
         .unwrap()
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("node.id"), "{status}");
+}
+
+/// Sends a request on a raw stream.
+async fn send(tx: &mpsc::Sender<DiscoveryRequest>, req: DiscoveryRequest) {
+    tx.send(req).await.expect("stream open");
+}
+
+#[tokio::test]
+async fn the_protocol_handles_stale_nacks_late_names_and_unsubscribe() {
+    let mesh = MeshDir::new();
+    mesh.write("orders.yaml", &service("orders", 80));
+    let cp = ControlPlane::start(mesh.path()).await;
+    let mut grpc = DiscoveryClient::connect(cp.discovery_url()).await.unwrap();
+    let (tx, rx) = mpsc::channel(8);
+    // Subscribe by name to a service that does not exist yet.
+    send(
+        &tx,
+        DiscoveryRequest {
+            node: Some(Node {
+                id: "protocol-test".into(),
+                ..Default::default()
+            }),
+            type_url: Service::TYPE_URL.into(),
+            resource_names_subscribe: vec!["billing.default".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut responses = grpc.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let first = next(&mut responses).await;
+    assert!(first.resources.is_empty(), "only what was named: {first:?}");
+
+    mesh.write("billing.yaml", &service("billing", 90));
+    let r1 = next(&mut responses).await;
+    assert_eq!(
+        r1.resources.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+        ["billing.default"]
+    );
+    // A second change arrives before the proxy answered the first...
+    mesh.write("billing.yaml", &service("billing", 91));
+    let r2 = next(&mut responses).await;
+    assert_ne!(r1.nonce, r2.nonce);
+    // ...and the proxy NACKs the first one late: still recorded.
+    send(
+        &tx,
+        DiscoveryRequest {
+            type_url: Service::TYPE_URL.into(),
+            response_nonce: r1.nonce.clone(),
+            version_info: first.version_info.clone(),
+            error_detail: Some(wary_proto::discovery::ErrorDetail {
+                code: 3,
+                message: "billing is not welcome".into(),
+                rejected_resources: vec!["billing.default".into()],
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    cp.logs
+        .wait_for(&["proxy NACKed an update", "billing is not welcome"])
+        .await;
+    let proxies: serde_json::Value = serde_json::from_str(&cp.admin_get("/proxies").await).unwrap();
+    let services = &proxies[0]["types"]["service"];
+    assert_eq!(services["nacks"], 1);
+    assert!(services["rejected"]["billing.default"].is_string(), "{services}");
+
+    // Unsubscribing stops updates for that name; the orders change is not sent either.
+    send(
+        &tx,
+        DiscoveryRequest {
+            type_url: Service::TYPE_URL.into(),
+            response_nonce: r2.nonce.clone(),
+            version_info: r2.version_info.clone(),
+            resource_names_unsubscribe: vec!["billing.default".into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let reloads = cp.config_status().await["reloads"].as_u64().unwrap();
+    mesh.write("billing.yaml", &service("billing", 92));
+    mesh.write("orders.yaml", &service("orders", 81));
+    wait_until("the control plane read both changes", || async {
+        let s = cp.config_status().await;
+        (s["reloads"].as_u64()? > reloads && s["counts"].as_str()?.contains("service=2")).then_some(())
+    })
+    .await;
+    // Subscribing to the wildcard now brings everything the stream lacks, in one go.
+    send(
+        &tx,
+        DiscoveryRequest {
+            type_url: Service::TYPE_URL.into(),
+            resource_names_subscribe: vec![WILDCARD.into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let all = next(&mut responses).await;
+    let mut names: Vec<_> = all.resources.iter().map(|r| r.name.as_str()).collect();
+    names.sort();
+    assert_eq!(names, ["billing.default", "orders.default"], "{all:?}");
+}
+
+#[tokio::test]
+async fn an_unknown_type_is_refused_with_the_known_ones() {
+    let mesh = MeshDir::new();
+    let cp = ControlPlane::start(mesh.path()).await;
+    let mut grpc = DiscoveryClient::connect(cp.discovery_url()).await.unwrap();
+    let (tx, rx) = mpsc::channel(1);
+    send(
+        &tx,
+        DiscoveryRequest {
+            node: Some(Node {
+                id: "type-test".into(),
+                ..Default::default()
+            }),
+            type_url: "type.googleapis.com/envoy.config.cluster.v3.Cluster".into(),
+            resource_names_subscribe: vec![WILDCARD.into()],
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut responses = grpc.stream(ReceiverStream::new(rx)).await.unwrap().into_inner();
+    let status = tokio::time::timeout(DEADLINE, responses.message())
+        .await
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(status.message().contains("wary.discovery.v1.Service"), "{status}");
 }
