@@ -2,10 +2,14 @@
 //! fresh machine builds without `protoc`.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/wary/discovery/v1/discovery.proto"];
+    let files = [
+        "proto/wary/discovery/v1/discovery.proto",
+        "proto/wary/identity/v1/identity.proto",
+    ];
     for file in [
         "proto/wary/discovery/v1/discovery.proto",
         "proto/wary/discovery/v1/resources.proto",
+        "proto/wary/identity/v1/identity.proto",
     ] {
         println!("cargo:rerun-if-changed={file}");
     }

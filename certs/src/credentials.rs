@@ -65,12 +65,23 @@ impl WorkloadKey {
     /// # Errors
     /// [`CredentialError::Key`] if the request cannot be serialized.
     pub fn csr(&self, identity: &SpiffeId) -> Result<Vec<u8>, CredentialError> {
-        let uri = identity
-            .to_string()
-            .try_into()
-            .map_err(|e: rcgen::Error| CredentialError::Key(e.to_string()))?;
+        self.csr_for(Some(identity))
+    }
+
+    /// A CSR that names `identity` if given, and nothing otherwise (a first request,
+    /// before the workload knows its identity).
+    ///
+    /// # Errors
+    /// [`CredentialError::Key`] if the request cannot be serialized.
+    pub fn csr_for(&self, identity: Option<&SpiffeId>) -> Result<Vec<u8>, CredentialError> {
         let mut params = CertificateParams::default();
-        params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
+        if let Some(identity) = identity {
+            let uri = identity
+                .to_string()
+                .try_into()
+                .map_err(|e: rcgen::Error| CredentialError::Key(e.to_string()))?;
+            params.subject_alt_names = vec![rcgen::SanType::URI(uri)];
+        }
         let csr = params
             .serialize_request(&self.key)
             .map_err(|e| CredentialError::Key(e.to_string()))?;

@@ -10,17 +10,24 @@
 //! * [`snapshot`]: the resources with content-hash versions.
 //! * [`config_watch`]: re-reads the directory on change (debounced) and publishes.
 //! * [`discovery`]: the gRPC stream: subscriptions, deltas, ACK/NACK per proxy.
+//! * [`ca_store`], [`tokens`], [`identity`]: the mesh CA on disk and its rotation, join
+//!   tokens, and `Identity.Certify`.
+//! * [`tls_listener`]: TLS 1.3 in front of the gRPC server.
 //! * [`admin`], [`metrics`]: what operators see.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod ca_store;
 pub mod config_watch;
 pub mod discovery;
 pub mod duration;
+pub mod identity;
 pub mod local;
 pub mod metrics;
 pub mod policy;
 pub mod resources;
 pub mod snapshot;
 pub mod source;
+pub mod tls_listener;
+pub mod tokens;

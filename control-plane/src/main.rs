@@ -1,4 +1,5 @@
-//! The `wary-control-plane` binary.
+//! The `wary-control-plane` binary: the control plane itself, and the operator
+//! commands for its CA (`ca`) and join tokens (`token`).
 
 #![forbid(unsafe_code)]
 
@@ -8,19 +9,25 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
-use wary_control_plane::{admin::Admin, config_watch, discovery, metrics as m, snapshot::Snapshot};
+use wary_certs::TrustDomain;
+use wary_certs::credentials::Credentials;
+use wary_control_plane::ca_store::CaStore;
+use wary_control_plane::{admin::Admin, config_watch, discovery, identity, metrics as m, snapshot::Snapshot};
 use wary_proto::discovery::discovery_server::DiscoveryServer;
+use wary_proto::identity::identity_server::IdentityServer;
 
-/// Wary's control plane: serves topology and policy to every proxy.
+/// Wary's control plane: serves topology, policy and workload certificates to every
+/// proxy.
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(version, about, args_conflicts_with_subcommands = true)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Command>,
     /// Read topology and policy from this directory of YAML documents, and watch it.
-    #[arg(long, env = "WARY_CONFIG_DIR", required_unless_present_any = ["kubernetes", "print_crds"])]
+    #[arg(long, env = "WARY_CONFIG_DIR")]
     config_dir: Option<PathBuf>,
     /// Read topology and policy from the Kubernetes API (in a cluster).
     #[arg(long, conflicts_with = "config_dir")]
@@ -28,7 +35,12 @@ struct Args {
     /// Print the CustomResourceDefinitions of the policy documents (YAML) and exit.
     #[arg(long)]
     print_crds: bool,
-    /// Address of the discovery (gRPC) server. Port 0 picks a free port.
+    /// The mesh CA's directory (trust bundle, issuer, token key); created on first use.
+    /// Default: $HOME/.local/state/wary/ca.
+    #[arg(long, env = "WARY_CA_DIR")]
+    ca_dir: Option<PathBuf>,
+    /// Address of the discovery and identity (gRPC over TLS) server. Port 0 picks a free
+    /// port.
     #[arg(long, env = "WARY_DISCOVERY_ADDR", default_value = "127.0.0.1:8086")]
     discovery_addr: SocketAddr,
     /// Address of the admin server (/metrics, /ready, /config, /proxies).
@@ -42,9 +54,115 @@ struct Args {
     log_format: String,
 }
 
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Print a join token for one workload: its proxy's proof of identity at start-up.
+    Token {
+        /// The workload (its Workload document's name).
+        #[arg(long)]
+        workload: String,
+        /// Its namespace.
+        #[arg(long, default_value = "default")]
+        namespace: String,
+        /// How long the token is valid, e.g. 24h, 30m.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// The mesh CA's directory.
+        #[arg(long, env = "WARY_CA_DIR")]
+        ca_dir: Option<PathBuf>,
+    },
+    /// Create or rotate the mesh's trust anchor.
+    Ca {
+        #[command(subcommand)]
+        action: CaAction,
+        /// The mesh CA's directory.
+        #[arg(long, env = "WARY_CA_DIR", global = true)]
+        ca_dir: Option<PathBuf>,
+        /// The trust domain of new anchors.
+        #[arg(long, default_value = "cluster.local", global = true)]
+        trust_domain: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CaAction {
+    /// Create the CA directory (a trust anchor, issuer and token key) if it is empty.
+    Init,
+    /// Print the trust bundle (PEM): give it to proxies as --trust-anchors.
+    Bundle,
+    /// Rotation step 1: create a new anchor and trust it alongside the old one.
+    AddAnchor,
+    /// Rotation step 2: sign new certificates with the new anchor.
+    UseNext,
+    /// Rotation step 3: stop trusting the old anchor.
+    DropOld,
+}
+
+fn default_ca_dir() -> PathBuf {
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
+        .join(".local/state/wary/ca")
+}
+
+fn operator(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Token {
+            workload,
+            namespace,
+            ttl,
+            ca_dir,
+        } => {
+            let ttl = wary_control_plane::duration::Duration::parse(&ttl).map_err(anyhow::Error::msg)?;
+            let dir = ca_dir.unwrap_or_else(default_ca_dir);
+            let store = CaStore::open_or_create(&dir, &TrustDomain::default())?;
+            let material = store.current()?;
+            println!(
+                "{}",
+                wary_control_plane::tokens::mint(&material.token_key, &namespace, &workload, ttl.0)
+            );
+        }
+        Command::Ca {
+            action,
+            ca_dir,
+            trust_domain,
+        } => {
+            let dir = ca_dir.unwrap_or_else(default_ca_dir);
+            let td = TrustDomain::new(&trust_domain)?;
+            let done = |what: &str| eprintln!("{what} in {}", dir.display());
+            match action {
+                CaAction::Init => {
+                    CaStore::open_or_create(&dir, &td)?;
+                    done("the mesh CA is ready");
+                }
+                CaAction::Bundle => {
+                    let store = CaStore::open_or_create(&dir, &td)?;
+                    print!("{}", wary_control_plane::ca_store::bundle_pem(&*store.current()?));
+                }
+                CaAction::AddAnchor => {
+                    CaStore::add_anchor(&dir, &td)?;
+                    done("added a new anchor to the trust bundle; once proxies have renewed, run `ca use-next`");
+                }
+                CaAction::UseNext => {
+                    CaStore::use_next(&dir)?;
+                    done("new certificates are signed by the new anchor; once proxies have renewed, run `ca drop-old`");
+                }
+                CaAction::DropOld => {
+                    CaStore::drop_old(&dir)?;
+                    done("the old anchor is no longer trusted");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    if let Some(command) = args.command {
+        return operator(command);
+    }
     if args.print_crds {
         print!("{}", wary_control_plane::policy::crds_yaml()?);
         return Ok(());
@@ -58,7 +176,9 @@ async fn main() -> anyhow::Result<()> {
     if args.kubernetes {
         bail!("--kubernetes is not available in this build yet: run with --config-dir DIR");
     }
-    let dir = args.config_dir.context("--config-dir is required")?;
+    let dir = args
+        .config_dir
+        .context("--config-dir DIR is required: a directory of YAML documents (e.g. examples/quickstart)")?;
     if !dir.is_dir() {
         bail!(
             "--config-dir {}: not a directory; point it at a directory of YAML documents (e.g. examples/quickstart)",
@@ -73,6 +193,24 @@ async fn main() -> anyhow::Result<()> {
     let mut config = config_watch::ConfigWatch::start(dir.clone())?;
     config.reload(&snapshots, &status).await;
     let debounce = Duration::from_millis(args.debounce_ms);
+    let mesh = snapshots.borrow().mesh.clone();
+    let ca_dir = args.ca_dir.unwrap_or_else(default_ca_dir);
+    let ca = Arc::new(CaStore::open_or_create(&ca_dir, &mesh.trust_domain).with_context(|| {
+        format!(
+            "the CA directory {} is unusable: fix it, or point --ca-dir at an empty directory to create a new CA",
+            ca_dir.display()
+        )
+    })?);
+    let own_identity = identity::control_plane_identity(&mesh.trust_domain);
+    let creds = Credentials::new(ca.current()?.bundle.clone())?;
+    identity::issue_own(&*ca.current()?, &creds, &own_identity, mesh.certificate_lifetime)
+        .map_err(|e| anyhow::anyhow!("cannot issue the control plane's certificate: {e}"))?;
+    tokio::spawn(identity::serve_own_certificate(
+        ca.clone(),
+        creds.clone(),
+        own_identity,
+        snapshots.subscribe(),
+    ));
     let watch_task = tokio::spawn(config.run(snapshots, status, debounce));
 
     // Discovery is served only once the directory has read clean: a file that is broken
@@ -110,6 +248,8 @@ async fn main() -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let id = format!("wary-control-plane/{}", std::process::id());
+    let identity_service =
+        identity::IdentityService::new(ca.clone(), rx.clone(), Arc::new(identity::JoinTokens(ca.clone())));
     let service = discovery::DiscoveryService::new(rx, registry.clone(), id, shutdown, serving.clone());
     let admin = Admin {
         prometheus,
@@ -121,7 +261,10 @@ async fn main() -> anyhow::Result<()> {
 
     tracing::info!(%discovery_addr, %admin_addr, dir = %dir.display(), "control plane started");
     // One machine-readable line on stdout, for scripts and tests that pick port 0.
-    println!("wary-control-plane discovery={discovery_addr} admin={admin_addr}");
+    println!(
+        "wary-control-plane discovery={discovery_addr} admin={admin_addr} trust_anchors={}",
+        ca_dir.join("trust-bundle.pem").display()
+    );
 
     let (stopping_tx, stopping) = tokio::sync::oneshot::channel::<()>();
     let server = tonic::transport::Server::builder()
@@ -135,9 +278,20 @@ async fn main() -> anyhow::Result<()> {
                 .max_decoding_message_size(MAX_REQUEST_BYTES)
                 .max_encoding_message_size(MAX_RESPONSE_BYTES),
         )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(discovery_listener), async {
-            let _ = stopping.await;
-        });
+        .add_service(IdentityServer::new(identity_service))
+        .serve_with_incoming_shutdown(
+            wary_control_plane::tls_listener::incoming(
+                discovery_listener,
+                wary_certs::tls::server_config(
+                    &creds,
+                    wary_certs::tls::ClientAuth::Optional,
+                    &[wary_certs::tls::ALPN_H2],
+                ),
+            ),
+            async {
+                let _ = stopping.await;
+            },
+        );
     tokio::pin!(server);
     tokio::select! {
         r = &mut server => r.context("discovery server failed")?,

@@ -22,6 +22,14 @@ pub const CONFIG_ERRORS: &str = "wary_control_plane_config_errors";
 /// Gauge: resources served, by `type`.
 pub const RESOURCES: &str = "wary_control_plane_resources";
 
+/// Counter, by `result` (`ok`, `denied`, `unauthenticated`, `error`): certificate
+/// requests answered.
+pub const CERTIFICATES_ISSUED: &str = "wary_control_plane_certificate_requests_total";
+
+/// Counter, by `reason` (see `wary_certs::tls::HandshakeFailure`, plus `timeout`): TLS
+/// handshakes refused on the control plane's port.
+pub const TLS_HANDSHAKE_FAILURES: &str = "wary_control_plane_tls_handshake_failures_total";
+
 /// Registers the help text and unit of every metric.
 pub fn describe() {
     describe_gauge!(CONNECTED_PROXIES, Unit::Count, "Proxies with an open discovery stream.");
@@ -52,4 +60,14 @@ pub fn describe() {
         "Problems found by the latest read of the configuration; the last good state stays in force."
     );
     describe_gauge!(RESOURCES, Unit::Count, "Resources served, by resource type.");
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        Unit::Count,
+        "TLS handshakes refused on the control plane's port, by reason."
+    );
+    describe_counter!(
+        CERTIFICATES_ISSUED,
+        Unit::Count,
+        "Certificate requests (Identity.Certify), by result: ok, denied, unauthenticated, error."
+    );
 }

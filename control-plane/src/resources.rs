@@ -110,6 +110,12 @@ pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<Co
     let cluster_domain = mesh.cluster_domain.as_deref().unwrap_or("cluster.local");
 
     let mut out = SnapshotBuilder::default();
+    out.mesh(crate::snapshot::MeshSettings {
+        trust_domain: trust_domain.clone(),
+        certificate_lifetime: mesh
+            .certificate_lifetime
+            .map_or(wary_certs::ca::DEFAULT_CERT_LIFETIME, |d| d.0),
+    });
     for (d, spec) in &services {
         let name = format!("{}.{}", d.name, d.namespace);
         let policy = traffic.get(&(d.namespace.as_str(), d.name.as_str())).map(|(tp, _)| *tp);

@@ -21,10 +21,31 @@ pub struct TypeSnapshot {
     pub resources: BTreeMap<String, Arc<Resource>>,
 }
 
-/// Every resource the control plane serves.
+/// Every resource the control plane serves, and the mesh-wide settings it serves them
+/// under.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     types: BTreeMap<&'static str, TypeSnapshot>,
+    /// Mesh-wide settings (from `MeshConfig`).
+    pub mesh: MeshSettings,
+}
+
+/// Mesh-wide settings the control plane itself acts on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MeshSettings {
+    /// The SPIFFE trust domain; default `cluster.local`.
+    pub trust_domain: wary_certs::TrustDomain,
+    /// Workload certificate lifetime; default 24 h.
+    pub certificate_lifetime: std::time::Duration,
+}
+
+impl Default for MeshSettings {
+    fn default() -> Self {
+        Self {
+            trust_domain: wary_certs::TrustDomain::default(),
+            certificate_lifetime: wary_certs::ca::DEFAULT_CERT_LIFETIME,
+        }
+    }
 }
 
 /// The type URLs a snapshot holds, in the order they are served.
@@ -65,6 +86,7 @@ impl Snapshot {
 #[derive(Debug, Default)]
 pub struct SnapshotBuilder {
     types: BTreeMap<&'static str, BTreeMap<String, prost_types::Any>>,
+    mesh: MeshSettings,
 }
 
 impl SnapshotBuilder {
@@ -74,6 +96,11 @@ impl SnapshotBuilder {
             .entry(T::TYPE_URL)
             .or_default()
             .insert(name, resource.to_any());
+    }
+
+    /// Sets the mesh-wide settings.
+    pub fn mesh(&mut self, mesh: MeshSettings) {
+        self.mesh = mesh;
     }
 
     /// Hashes every resource and the per-type state.
@@ -104,7 +131,7 @@ impl SnapshotBuilder {
                 (*type_url, TypeSnapshot { version, resources })
             })
             .collect();
-        Snapshot { types }
+        Snapshot { types, mesh: self.mesh }
     }
 }
 

@@ -3,6 +3,8 @@
 //! * [`discovery`]: the `Discovery.Stream` service, its requests and responses, and the
 //!   resources it carries ([`discovery::Service`], [`discovery::Endpoints`],
 //!   [`discovery::InboundPolicy`]).
+//! * [`identity`]: the `Identity.Certify` service: a CSR and a proof in, a workload
+//!   certificate and the trust bundle out.
 //! * [`TypedResource`]: the link between a resource message and its `type_url`, and
 //!   packing into and out of `google.protobuf.Any`.
 //!
@@ -15,6 +17,12 @@
 pub mod discovery {
     #![allow(missing_docs, clippy::large_enum_variant, clippy::doc_lazy_continuation)]
     tonic::include_proto!("wary.discovery.v1");
+}
+
+/// Workload certificates, version 1 (package `wary.identity.v1`).
+pub mod identity {
+    #![allow(missing_docs, clippy::doc_lazy_continuation)]
+    tonic::include_proto!("wary.identity.v1");
 }
 
 use prost::Message;

@@ -18,6 +18,8 @@ use tokio::net::TcpListener;
 use wary_proto::TypedResource;
 use wary_proto::discovery::InboundPolicy;
 
+use wary_certs::credentials::Credentials;
+
 use crate::state::{Cache, DiscoveryState};
 
 /// What the admin pages read.
@@ -30,6 +32,8 @@ pub struct Admin {
     /// What the proxy subscribed to (type URL, names): each type must have arrived,
     /// and each named resource must exist, before `/ready` answers 200.
     pub subscriptions: Vec<(&'static str, Vec<String>)>,
+    /// The workload certificate and trust bundle.
+    pub creds: Arc<Credentials>,
 }
 
 impl Admin {
@@ -82,7 +86,9 @@ impl Admin {
                 }
             }
             "/config_dump" => {
-                let body = serde_json::to_vec_pretty(&config_dump(&self.cache.load())).unwrap_or_default();
+                let mut dump = config_dump(&self.cache.load());
+                dump["certificate"] = certificate_dump(&self.creds);
+                let body = serde_json::to_vec_pretty(&dump).unwrap_or_default();
                 let mut r = Response::new(Full::new(Bytes::from(body)));
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
@@ -103,6 +109,9 @@ impl Admin {
     pub fn missing(&self) -> Vec<String> {
         let state = self.cache.load();
         let mut missing = Vec::new();
+        if self.creds.certificate().is_none() {
+            missing.push("waiting for a workload certificate from the control plane (see this proxy's log)".into());
+        }
         for (type_url, names) in &self.subscriptions {
             let kind = wary_proto::kind_of(type_url);
             if !state.synced(&[type_url]) {
@@ -185,6 +194,24 @@ pub fn config_dump(state: &DiscoveryState) -> Value {
         "endpoints": endpoints,
         "inbound_policies": inbound,
     })
+}
+
+/// The certificate's subject and validity, and the trust anchors' count — never a key.
+pub fn certificate_dump(creds: &Credentials) -> Value {
+    let unix = |t: std::time::SystemTime| {
+        t.duration_since(std::time::SystemTime::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or_default()
+    };
+    match creds.certificate() {
+        Some(c) => json!({
+            "identity": c.identity.to_string(),
+            "not_before_unix_seconds": unix(c.not_before),
+            "not_after_unix_seconds": unix(c.not_after),
+            "trust_anchors": creds.trust_bundle().anchors().len(),
+        }),
+        None => Value::Null,
+    }
 }
 
 fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {

@@ -22,29 +22,19 @@ use rand::Rng;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use wary_certs::SpiffeId;
+use wary_certs::credentials::Credentials;
 use wary_proto::discovery::discovery_client::DiscoveryClient as GrpcClient;
 use wary_proto::discovery::{
     DiscoveryRequest, DiscoveryResponse, Endpoints, ErrorDetail, InboundPolicy, Node, Resource, Service, load_balancer,
 };
 use wary_proto::{TypedResource, WILDCARD, kind_of};
 
+use crate::control::ControlPlane;
 use crate::metrics as m;
 use crate::state::{Cache, DiscoveryState, Resources};
 
 /// The largest discovery response accepted: 64 MiB, as the control plane's limit.
 pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
-
-/// An error and its causes, `a: b: c`.
-fn causes(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
 
 /// Reconnection backoff: full jitter (AWS Architecture Blog, "Exponential Backoff And
 /// Jitter"), attempt n waits uniform(0, min(max, base × 2^n)).
@@ -81,26 +71,27 @@ pub type ExtraCheck = Arc<dyn Fn(&str, &Resource) -> Result<(), String> + Send +
 /// How to reach the control plane and what to ask it for.
 #[derive(Clone)]
 pub struct DiscoveryConfig {
-    /// The control plane's discovery URL, e.g. `http://127.0.0.1:8086`.
-    pub control_plane: String,
+    /// The control plane.
+    pub control_plane: ControlPlane,
+    /// This proxy's credentials: the trust bundle that verifies the control plane, and
+    /// the mesh certificate presented to it once issued.
+    pub creds: Arc<Credentials>,
     /// Who this proxy is.
     pub node: Node,
     /// Reconnection backoff.
     pub backoff: Backoff,
-    /// TCP connect timeout to the control plane; default 1 s.
-    pub connect_timeout: Duration,
     /// Extra resource checks; none by default.
     pub extra_check: Option<ExtraCheck>,
 }
 
 impl DiscoveryConfig {
-    /// Defaults for everything but the control plane address and node.
-    pub fn new(control_plane: impl Into<String>, node: Node) -> Self {
+    /// Defaults for everything but the control plane, credentials and node.
+    pub fn new(control_plane: ControlPlane, creds: Arc<Credentials>, node: Node) -> Self {
         Self {
-            control_plane: control_plane.into(),
+            control_plane,
+            creds,
             node,
             backoff: Backoff::default(),
-            connect_timeout: Duration::from_secs(1),
             extra_check: None,
         }
     }
@@ -128,13 +119,8 @@ impl DiscoveryConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
     /// The control plane could not be reached.
-    #[error("cannot connect to the control plane at {url}: {reason}; is it running, and is --control-plane right?")]
-    Connect {
-        /// The URL tried.
-        url: String,
-        /// What failed, with its causes (tonic's own message is only "transport error").
-        reason: String,
-    },
+    #[error("{0}; is it running, and is --control-plane right?")]
+    Connect(String),
     /// The stream was refused or broke.
     #[error("discovery stream failed: {0}")]
     Stream(#[from] tonic::Status),
@@ -171,21 +157,11 @@ pub async fn run(config: DiscoveryConfig, cache: Arc<Cache>) {
 /// One stream: returns when it ends. `progressed` is set once a response was applied,
 /// so the caller resets its backoff.
 async fn session(config: &DiscoveryConfig, cache: &Cache, progressed: &mut bool) -> Result<(), SessionError> {
-    let connect_err = |e: tonic::transport::Error| SessionError::Connect {
-        url: config.control_plane.clone(),
-        reason: causes(&e),
-    };
-    let channel = tonic::transport::Endpoint::from_shared(config.control_plane.clone())
-        .map_err(connect_err)?
-        .connect_timeout(config.connect_timeout)
-        // Notice a control plane that vanished without closing (the network fails).
-        .http2_keep_alive_interval(Duration::from_secs(10))
-        .keep_alive_timeout(Duration::from_secs(5))
-        .keep_alive_while_idle(true)
-        .tcp_keepalive(Some(Duration::from_secs(30)))
-        .connect()
+    let channel = config
+        .control_plane
+        .connect(&config.creds)
         .await
-        .map_err(connect_err)?;
+        .map_err(SessionError::Connect)?;
     let (tx, rx) = mpsc::channel(16);
     let held = cache.load();
     for (i, (type_url, names)) in config.subscriptions().into_iter().enumerate() {
@@ -206,9 +182,9 @@ async fn session(config: &DiscoveryConfig, cache: &Cache, progressed: &mut bool)
         .into_inner();
     metrics::gauge!(m::DISCOVERY_CONNECTED).set(1.0);
     cache.set_connected(true);
-    tracing::info!(control_plane = %config.control_plane, "discovery connected");
+    tracing::info!(control_plane = %config.control_plane.url, "discovery connected");
     while let Some(response) = responses.message().await? {
-        let answer = apply(config, cache, response);
+        let answer = apply(config.extra_check.as_ref(), cache, response);
         *progressed = true;
         if tx.send(answer).await.is_err() {
             break;
@@ -218,13 +194,13 @@ async fn session(config: &DiscoveryConfig, cache: &Cache, progressed: &mut bool)
 }
 
 /// Applies one response to the cache and returns its ACK or NACK.
-fn apply(config: &DiscoveryConfig, cache: &Cache, response: DiscoveryResponse) -> DiscoveryRequest {
+fn apply(extra_check: Option<&ExtraCheck>, cache: &Cache, response: DiscoveryResponse) -> DiscoveryRequest {
     let type_url = response.type_url.as_str();
     let kind = kind_of(type_url);
     let mut state = DiscoveryState::clone(&cache.load());
     let previous_version = state.version_info(type_url).to_string();
     let mut errors = Vec::new();
-    let check = |r: &Resource| config.extra_check.as_ref().map_or(Ok(()), |c| c(type_url, r));
+    let check = |r: &Resource| extra_check.map_or(Ok(()), |c| c(type_url, r));
     match type_url {
         Service::TYPE_URL => merge(Arc::make_mut(&mut state.services), &response, &mut errors, |r| {
             check(r)?;
@@ -419,18 +395,13 @@ mod tests {
 
     #[test]
     fn applies_good_resources_and_nacks_bad_ones() {
-        let config = DiscoveryConfig::new("http://127.0.0.1:1", Node::default());
         let cache = Cache::default();
-        let ack = apply(
-            &config,
-            &cache,
-            response(vec![endpoints("a", "127.0.0.1")], vec![], "v1"),
-        );
+        let ack = apply(None, &cache, response(vec![endpoints("a", "127.0.0.1")], vec![], "v1"));
         assert!(ack.error_detail.is_none());
         assert_eq!(ack.version_info, "v1");
 
         let nack = apply(
-            &config,
+            None,
             &cache,
             response(
                 vec![endpoints("a", "not-an-ip"), endpoints("b", "127.0.0.2")],
@@ -456,7 +427,7 @@ mod tests {
             "applied the valid resource"
         );
 
-        let ack = apply(&config, &cache, response(vec![], vec!["b.default".into()], "v3"));
+        let ack = apply(None, &cache, response(vec![], vec!["b.default".into()], "v3"));
         assert!(ack.error_detail.is_none());
         assert!(!cache.load().endpoints.items.contains_key("b.default"));
     }

@@ -4,24 +4,50 @@
 #![forbid(unsafe_code)]
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
 use clap::Parser;
 use tokio::net::TcpListener;
+use wary_certs::credentials::{Credentials, TrustBundle};
+use wary_certs::{SpiffeId, TrustDomain};
 use wary_proto::discovery::Node;
-use wary_proxy::{admin::Admin, discovery, metrics as m, state::Cache};
+use wary_proxy::control::ControlPlane;
+use wary_proxy::identity::{IdentityConfig, TokenSource};
+use wary_proxy::{admin::Admin, discovery, identity, metrics as m, state::Cache};
 
 /// Wary's sidecar proxy.
 #[derive(Parser, Debug)]
 #[command(version, about)]
 struct Args {
-    /// The control plane's discovery URL.
-    #[arg(long, env = "WARY_CONTROL_PLANE", default_value = "http://127.0.0.1:8086")]
+    /// The control plane's address (discovery and identity, over TLS).
+    #[arg(long, env = "WARY_CONTROL_PLANE", default_value = "https://127.0.0.1:8086")]
     control_plane: String,
-    /// The workload this proxy fronts (its `Workload` document or pod name). Empty for
-    /// a proxy that only sends traffic.
-    #[arg(long, env = "WARY_WORKLOAD", default_value = "")]
+    /// The trust bundle (PEM) that verifies the control plane and peers:
+    /// `wary-control-plane ca bundle` prints it.
+    #[arg(long, env = "WARY_TRUST_ANCHORS")]
+    trust_anchors: PathBuf,
+    /// This workload's join token (`wary-control-plane token --workload NAME`).
+    #[arg(
+        long,
+        env = "WARY_JOIN_TOKEN",
+        conflicts_with = "join_token_file",
+        hide_env_values = true
+    )]
+    join_token: Option<String>,
+    /// A file holding the join token, re-read at each certificate request.
+    #[arg(long, env = "WARY_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
+    /// The mesh's trust domain.
+    #[arg(long, env = "WARY_TRUST_DOMAIN", default_value = "cluster.local")]
+    trust_domain: String,
+    /// The identity the control plane must present; default
+    /// `spiffe://<trust-domain>/ns/wary-system/sa/wary-control-plane`.
+    #[arg(long, env = "WARY_CONTROL_PLANE_IDENTITY")]
+    control_plane_identity: Option<String>,
+    /// The workload this proxy fronts (its `Workload` document or pod name).
+    #[arg(long, env = "WARY_WORKLOAD")]
     workload: String,
     /// The workload's namespace.
     #[arg(long, env = "WARY_NAMESPACE", default_value = "default")]
@@ -57,6 +83,29 @@ async fn main() -> anyhow::Result<()> {
         .context("cannot install the metrics recorder")?;
     m::describe();
 
+    let token = match (args.join_token, args.join_token_file) {
+        (Some(t), _) => TokenSource::Inline(t),
+        (None, Some(f)) => TokenSource::File(f),
+        (None, None) => bail!(
+            "no join token: set WARY_JOIN_TOKEN or --join-token-file (mint one with `wary-control-plane token --workload NAME`)"
+        ),
+    };
+    let anchors = std::fs::read_to_string(&args.trust_anchors).with_context(|| {
+        format!(
+            "cannot read --trust-anchors {}: print the bundle with `wary-control-plane ca bundle`",
+            args.trust_anchors.display()
+        )
+    })?;
+    let bundle =
+        TrustBundle::from_pem(&anchors).with_context(|| format!("--trust-anchors {}", args.trust_anchors.display()))?;
+    let creds = Credentials::new(bundle)?;
+    let trust_domain = TrustDomain::new(&args.trust_domain)?;
+    let cp_identity: SpiffeId = match args.control_plane_identity {
+        Some(id) => id.parse()?,
+        None => SpiffeId::new(trust_domain, "wary-system", "wary-control-plane")?,
+    };
+    let control_plane = ControlPlane::new(args.control_plane, cp_identity);
+
     let id = args
         .id
         .unwrap_or_else(|| format!("{}.{}/{}", args.workload, args.namespace, std::process::id()));
@@ -66,9 +115,8 @@ async fn main() -> anyhow::Result<()> {
         namespace: args.namespace,
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    let config = discovery::DiscoveryConfig::new(args.control_plane, node);
+    let config = discovery::DiscoveryConfig::new(control_plane.clone(), creds.clone(), node);
     let cache = Arc::new(Cache::default());
-    let subscriptions = config.subscriptions();
 
     let admin_listener = TcpListener::bind(args.admin_addr).await.with_context(|| {
         format!(
@@ -77,15 +125,28 @@ async fn main() -> anyhow::Result<()> {
         )
     })?;
     let admin_addr = admin_listener.local_addr()?;
-    tokio::spawn(
-        Admin {
-            prometheus,
-            cache: cache.clone(),
-            subscriptions,
+    let admin = Admin {
+        prometheus,
+        cache: cache.clone(),
+        subscriptions: config.subscriptions(),
+        creds: creds.clone(),
+    };
+    tokio::spawn(admin.serve(admin_listener));
+
+    // Discovery starts once the proxy holds its mesh certificate, and presents it.
+    let (certified_tx, certified) = tokio::sync::oneshot::channel();
+    tokio::spawn(identity::run(
+        IdentityConfig::new(control_plane, token),
+        creds,
+        move || {
+            let _ = certified_tx.send(());
+        },
+    ));
+    tokio::spawn(async move {
+        if certified.await.is_ok() {
+            discovery::run(config, cache).await;
         }
-        .serve(admin_listener),
-    );
-    tokio::spawn(discovery::run(config, cache));
+    });
 
     tracing::info!(%admin_addr, "proxy started");
     println!("wary-proxy admin={admin_addr}");

@@ -11,6 +11,16 @@ pub const DISCOVERY_RECONNECTS: &str = "wary_proxy_discovery_reconnects_total";
 /// Counter, by `type` and `result`: discovery responses applied (ACK) or rejected (NACK).
 pub const DISCOVERY_UPDATES: &str = "wary_proxy_discovery_updates_total";
 
+/// Gauge: the current workload certificate's notAfter, Unix seconds.
+pub const CERT_EXPIRY: &str = "wary_proxy_identity_certificate_expiry_timestamp_seconds";
+/// Counter, by `result` (`ok`, `error`): certificate requests (first and renewals).
+pub const CERT_RENEWALS: &str = "wary_proxy_identity_certificate_requests_total";
+/// Counter, by `direction` (`inbound`, `outbound`, `control_plane`) and `reason` (see
+/// `wary_certs::tls::HandshakeFailure`): TLS handshakes that failed.
+pub const TLS_HANDSHAKE_FAILURES: &str = "wary_proxy_tls_handshake_failures_total";
+/// Counter, by `direction`: TLS handshakes that succeeded.
+pub const TLS_HANDSHAKES: &str = "wary_proxy_tls_handshakes_total";
+
 /// Registers the help text and unit of every metric.
 pub fn describe() {
     describe_gauge!(

@@ -4,8 +4,8 @@
 //! ```ignore
 //! let mesh = MeshDir::new();
 //! mesh.write("orders.yaml", &service("orders", 80));
-//! let cp = ControlPlane::start(mesh.path()).await;
-//! let client = Client::connect(&cp.discovery_url(), "test-proxy");
+//! let cp = ControlPlane::start(&mesh).await;
+//! let client = Client::connect(&cp, "test-proxy");
 //! client.wait_for("orders is known", |s| s.service("orders.default").is_some()).await;
 //! ```
 //!
@@ -21,6 +21,7 @@ use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::Notify;
+use wary_certs::credentials::{Credentials, TrustBundle};
 use wary_proto::discovery::Node;
 use wary_proxy::discovery::{DiscoveryConfig, ExtraCheck};
 use wary_proxy::state::{Cache, DiscoveryState};
@@ -127,21 +128,27 @@ pub struct ControlPlane {
     pub discovery: SocketAddr,
     /// The admin server's address.
     pub admin: SocketAddr,
+    /// The trust bundle file proxies are given.
+    pub trust_anchors: PathBuf,
+    /// The CA directory.
+    pub ca_dir: PathBuf,
     /// Its stderr (logs), line by line.
     pub logs: Logs,
 }
 
 impl ControlPlane {
-    /// Starts a control plane on `dir`, on free ports.
-    pub async fn start(dir: &Path) -> Self {
-        Self::start_at(dir, "127.0.0.1:0".parse().unwrap()).await
+    /// Starts a control plane on `mesh`, on free ports.
+    pub async fn start(mesh: &MeshDir) -> Self {
+        Self::start_at(mesh, "127.0.0.1:0".parse().unwrap()).await
     }
 
-    /// Starts a control plane on `dir` with its discovery server on `discovery`.
-    pub async fn start_at(dir: &Path, discovery: SocketAddr) -> Self {
+    /// Starts a control plane on `mesh` with its discovery server on `discovery`.
+    pub async fn start_at(mesh: &MeshDir, discovery: SocketAddr) -> Self {
         let mut child = Command::new(binary("wary-control-plane"))
             .arg("--config-dir")
-            .arg(dir)
+            .arg(mesh.path())
+            .arg("--ca-dir")
+            .arg(mesh.ca_path())
             .args([
                 "--discovery-addr",
                 &discovery.to_string(),
@@ -163,17 +170,59 @@ impl ControlPlane {
                 .and_then(|a| a.parse().ok())
                 .unwrap_or_else(|| panic!("no {key} in {line:?}"))
         };
+        let trust_anchors = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("trust_anchors="))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("no trust_anchors= in {line:?}"));
         Self {
             discovery: addr("discovery="),
             admin: addr("admin="),
+            trust_anchors,
+            ca_dir: mesh.ca_path().to_path_buf(),
             child,
             logs,
         }
     }
 
-    /// `http://<discovery address>`.
+    /// `https://<discovery address>`.
     pub fn discovery_url(&self) -> String {
-        format!("http://{}", self.discovery)
+        format!("https://{}", self.discovery)
+    }
+
+    /// How a proxy reaches this control plane (with the default identity).
+    pub fn control_plane(&self) -> wary_proxy::control::ControlPlane {
+        let identity = "spiffe://cluster.local/ns/wary-system/sa/wary-control-plane"
+            .parse()
+            .unwrap();
+        wary_proxy::control::ControlPlane::new(self.discovery_url(), identity)
+    }
+
+    /// Credentials that trust this control plane's bundle and hold no certificate yet.
+    pub fn bootstrap_credentials(&self) -> Arc<Credentials> {
+        let pem = std::fs::read_to_string(&self.trust_anchors).expect("read the trust bundle");
+        Credentials::new(TrustBundle::from_pem(&pem).expect("a trust bundle")).expect("credentials")
+    }
+
+    /// A gRPC channel over TLS with `creds` (no client certificate unless they hold one).
+    pub async fn channel(&self, creds: &Arc<Credentials>) -> tonic::transport::Channel {
+        self.control_plane()
+            .connect(creds)
+            .await
+            .expect("connect to the control plane")
+    }
+
+    /// Mints a join token for `workload` in `default` with the real CLI.
+    pub async fn token(&self, workload: &str) -> String {
+        let out = Command::new(binary("wary-control-plane"))
+            .arg("token")
+            .args(["--workload", workload, "--ca-dir"])
+            .arg(&self.ca_dir)
+            .output()
+            .await
+            .expect("run wary-control-plane token");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).expect("utf-8").trim().to_string()
     }
 
     /// GETs an admin page.
@@ -226,17 +275,21 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    /// Starts a proxy for `workload` (may be empty) against the control plane URL.
-    pub async fn start(control_plane: &str, workload: &str) -> Self {
+    /// Starts a proxy for `workload` (a Workload in the mesh) with a fresh join token.
+    pub async fn start(cp: &ControlPlane, workload: &str) -> Self {
+        let token = cp.token(workload).await;
         let mut child = Command::new(binary("wary-proxy"))
             .args([
                 "--control-plane",
-                control_plane,
+                &cp.discovery_url(),
                 "--workload",
                 workload,
                 "--admin-addr",
                 "127.0.0.1:0",
             ])
+            .arg("--trust-anchors")
+            .arg(&cp.trust_anchors)
+            .env("WARY_JOIN_TOKEN", token)
             .env("RUST_LOG", "info,wary_proxy=debug")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -329,18 +382,19 @@ impl Drop for Client {
 }
 
 impl Client {
-    /// Connects as proxy `id` with the default checks.
-    pub fn connect(url: &str, id: &str) -> Self {
-        Self::connect_with(url, id, None)
+    /// Connects as proxy `id` with the default checks, over TLS without a client
+    /// certificate (a discovery-only client).
+    pub fn connect(cp: &ControlPlane, id: &str) -> Self {
+        Self::connect_with(cp, id, None)
     }
 
     /// Connects as proxy `id`, with an extra resource check (to provoke NACKs).
-    pub fn connect_with(url: &str, id: &str, extra_check: Option<ExtraCheck>) -> Self {
+    pub fn connect_with(cp: &ControlPlane, id: &str, extra_check: Option<ExtraCheck>) -> Self {
         let node = Node {
             id: id.to_string(),
             ..Default::default()
         };
-        let mut config = DiscoveryConfig::new(url, node);
+        let mut config = DiscoveryConfig::new(cp.control_plane(), cp.bootstrap_credentials(), node);
         config.extra_check = extra_check;
         let cache = Arc::new(Cache::default());
         let task = tokio::spawn(wary_proxy::discovery::run(config, cache.clone()));
@@ -380,6 +434,7 @@ impl Client {
 /// A temporary configuration directory.
 pub struct MeshDir {
     dir: tempfile::TempDir,
+    ca: tempfile::TempDir,
 }
 
 impl Default for MeshDir {
@@ -393,12 +448,18 @@ impl MeshDir {
     pub fn new() -> Self {
         Self {
             dir: tempfile::tempdir().expect("temp dir"),
+            ca: tempfile::tempdir().expect("temp dir"),
         }
     }
 
     /// Its path.
     pub fn path(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// The CA directory that goes with it (outside the configuration directory).
+    pub fn ca_path(&self) -> &Path {
+        self.ca.path()
     }
 
     /// Writes (or replaces) a file atomically, the way editors and `kubectl`-style tools

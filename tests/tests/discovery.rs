@@ -21,8 +21,8 @@ async fn an_edit_reaches_the_client_within_one_second() {
     let mesh = MeshDir::new();
     mesh.write("orders.yaml", &service("orders", 80));
     mesh.write("orders-1.yaml", &workload("orders-1", "orders", "127.0.1.1", 8080));
-    let cp = ControlPlane::start(mesh.path()).await;
-    let client = Client::connect(&cp.discovery_url(), "edit-test");
+    let cp = ControlPlane::start(&mesh).await;
+    let client = Client::connect(&cp, "edit-test");
     let state = client
         .wait_for("orders on port 80", |s| port_of(s, "orders.default") == Some(80))
         .await;
@@ -62,8 +62,8 @@ async fn an_edit_reaches_the_client_within_one_second() {
 async fn an_invalid_document_is_reported_and_the_last_good_state_stays() {
     let mesh = MeshDir::new();
     mesh.write("orders.yaml", &service("orders", 80));
-    let cp = ControlPlane::start(mesh.path()).await;
-    let client = Client::connect(&cp.discovery_url(), "invalid-test");
+    let cp = ControlPlane::start(&mesh).await;
+    let client = Client::connect(&cp, "invalid-test");
     let good = client
         .wait_for("orders", |s| port_of(s, "orders.default") == Some(80))
         .await;
@@ -133,7 +133,7 @@ async fn an_invalid_document_is_reported_and_the_last_good_state_stays() {
 async fn a_nack_is_recorded_and_later_updates_still_flow() {
     let mesh = MeshDir::new();
     mesh.write("orders.yaml", &service("orders", 80));
-    let cp = ControlPlane::start(mesh.path()).await;
+    let cp = ControlPlane::start(&mesh).await;
     // This client refuses any service named `legacy`, as a proxy refuses what it
     // cannot use.
     let refuse = Arc::new(|type_url: &str, r: &wary_proto::discovery::Resource| {
@@ -143,7 +143,7 @@ async fn a_nack_is_recorded_and_later_updates_still_flow() {
             Ok(())
         }
     });
-    let client = Client::connect_with(&cp.discovery_url(), "nack-test", Some(refuse));
+    let client = Client::connect_with(&cp, "nack-test", Some(refuse));
     let first = client
         .wait_for("orders", |s| s.service("orders.default").is_some())
         .await;
@@ -200,10 +200,10 @@ async fn a_proxy_rides_out_a_control_plane_restart() {
     mesh.write("audit.yaml", &service("audit", 81));
     mesh.write("billing.yaml", &service("billing", 82));
     mesh.write("orders-1.yaml", &workload("orders-1", "orders", "127.0.1.1", 8080));
-    let cp = ControlPlane::start(mesh.path()).await;
+    let cp = ControlPlane::start(&mesh).await;
     let discovery = cp.discovery;
-    let proxy = Proxy::start(&cp.discovery_url(), "orders-1").await;
-    let client = Client::connect(&cp.discovery_url(), "restart-test");
+    let proxy = Proxy::start(&cp, "orders-1").await;
+    let client = Client::connect(&cp, "restart-test");
     proxy
         .wait_for_dump("three services and the inbound policy", |d| {
             d["services"].as_array().is_some_and(|s| s.len() == 3)
@@ -242,7 +242,7 @@ async fn a_proxy_rides_out_a_control_plane_restart() {
     mesh.write("orders.yaml", &service("orders", 90));
     mesh.remove("audit.yaml");
     mesh.write("shipping.yaml", &service("shipping", 83));
-    let cp = ControlPlane::start_at(mesh.path(), discovery).await;
+    let cp = ControlPlane::start_at(&mesh, discovery).await;
     let back = Instant::now();
     let bound = wary_proxy::discovery::Backoff::default().max;
     let converged = |s: &wary_proxy::state::DiscoveryState| {
@@ -289,8 +289,8 @@ async fn a_proxy_rides_out_a_control_plane_restart() {
 async fn sigterm_stops_the_control_plane_with_proxies_connected() {
     let mesh = MeshDir::new();
     mesh.write("orders.yaml", &service("orders", 80));
-    let cp = ControlPlane::start(mesh.path()).await;
-    let client = Client::connect(&cp.discovery_url(), "sigterm-test");
+    let cp = ControlPlane::start(&mesh).await;
+    let client = Client::connect(&cp, "sigterm-test");
     client
         .wait_for("orders", |s| s.service("orders.default").is_some())
         .await;
@@ -304,15 +304,16 @@ async fn sigterm_stops_the_control_plane_with_proxies_connected() {
 async fn a_broken_file_at_start_up_holds_discovery_until_it_is_fixed() {
     let mesh = MeshDir::new();
     mesh.write("billing.yaml", &service("billing", 90));
+    mesh.write("web-1.yaml", &workload("web-1", "web", "127.0.1.5", 8080));
     mesh.write("orders.yaml", &service("orders", 80).replace("port: 80", "port: -1"));
-    let cp = ControlPlane::start(mesh.path()).await;
+    let cp = ControlPlane::start(&mesh).await;
     cp.logs.wait_for(&["orders.yaml:10:", "spec.ports[0].port"]).await;
     let ready = cp.admin_get("/ready").await;
     assert!(
         ready.starts_with("HTTP 503") && ready.contains("orders.yaml:10"),
         "{ready}"
     );
-    let proxy = Proxy::start(&cp.discovery_url(), "").await;
+    let proxy = Proxy::start(&cp, "web-1").await;
     proxy
         .logs
         .wait_for(&["configuration has errors", "serves nothing until"])
@@ -334,10 +335,10 @@ async fn a_broken_file_at_start_up_holds_discovery_until_it_is_fixed() {
 
 /// Opens a raw stream subscribed to every Service, with `held` as the versions held.
 async fn raw_stream(
-    url: String,
+    cp: &ControlPlane,
     held: std::collections::BTreeMap<String, String>,
 ) -> (mpsc::Sender<DiscoveryRequest>, tonic::Streaming<DiscoveryResponse>) {
-    let mut grpc = DiscoveryClient::connect(url).await.expect("connect");
+    let mut grpc = DiscoveryClient::new(cp.channel(&cp.bootstrap_credentials()).await);
     let (tx, rx) = mpsc::channel(4);
     tx.send(DiscoveryRequest {
         node: Some(Node {
@@ -373,8 +374,8 @@ async fn changing_one_of_a_hundred_services_sends_one_resource() {
     for i in 0..100 {
         mesh.write(&format!("svc-{i}.yaml"), &service(&format!("svc-{i}"), 8000 + i));
     }
-    let cp = ControlPlane::start(mesh.path()).await;
-    let (tx, mut responses) = raw_stream(cp.discovery_url(), Default::default()).await;
+    let cp = ControlPlane::start(&mesh).await;
+    let (tx, mut responses) = raw_stream(&cp, Default::default()).await;
 
     let full = next(&mut responses).await;
     assert_eq!(full.resources.len(), 100, "the first response is the full state");
@@ -410,7 +411,7 @@ async fn changing_one_of_a_hundred_services_sends_one_resource() {
         .collect();
     held.insert("svc-42.default".into(), delta.resources[0].version.clone());
     held.remove("svc-7.default");
-    let (_tx, mut resumed) = raw_stream(cp.discovery_url(), held).await;
+    let (_tx, mut resumed) = raw_stream(&cp, held).await;
     let sync = next(&mut resumed).await;
     assert!(
         sync.resources.is_empty() && sync.removed_resources.is_empty(),
@@ -422,8 +423,8 @@ async fn changing_one_of_a_hundred_services_sends_one_resource() {
 #[tokio::test]
 async fn a_stream_without_a_node_id_is_refused_with_a_reason() {
     let mesh = MeshDir::new();
-    let cp = ControlPlane::start(mesh.path()).await;
-    let mut grpc = DiscoveryClient::connect(cp.discovery_url()).await.unwrap();
+    let cp = ControlPlane::start(&mesh).await;
+    let mut grpc = DiscoveryClient::new(cp.channel(&cp.bootstrap_credentials()).await);
     let (tx, rx) = mpsc::channel(1);
     tx.send(DiscoveryRequest {
         type_url: Service::TYPE_URL.into(),
@@ -449,8 +450,8 @@ async fn send(tx: &mpsc::Sender<DiscoveryRequest>, req: DiscoveryRequest) {
 async fn the_protocol_handles_stale_nacks_late_names_and_unsubscribe() {
     let mesh = MeshDir::new();
     mesh.write("orders.yaml", &service("orders", 80));
-    let cp = ControlPlane::start(mesh.path()).await;
-    let mut grpc = DiscoveryClient::connect(cp.discovery_url()).await.unwrap();
+    let cp = ControlPlane::start(&mesh).await;
+    let mut grpc = DiscoveryClient::new(cp.channel(&cp.bootstrap_credentials()).await);
     let (tx, rx) = mpsc::channel(8);
     // Subscribe by name to a service that does not exist yet.
     send(
@@ -543,8 +544,8 @@ async fn the_protocol_handles_stale_nacks_late_names_and_unsubscribe() {
 #[tokio::test]
 async fn an_unknown_type_is_refused_with_the_known_ones() {
     let mesh = MeshDir::new();
-    let cp = ControlPlane::start(mesh.path()).await;
-    let mut grpc = DiscoveryClient::connect(cp.discovery_url()).await.unwrap();
+    let cp = ControlPlane::start(&mesh).await;
+    let mut grpc = DiscoveryClient::new(cp.channel(&cp.bootstrap_credentials()).await);
     let (tx, rx) = mpsc::channel(1);
     send(
         &tx,
