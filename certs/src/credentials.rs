@@ -158,6 +158,8 @@ pub struct CertificateInfo {
     pub not_after: SystemTime,
     /// Its `notBefore`.
     pub not_before: SystemTime,
+    /// Its issuer's distinguished name, e.g. `O=Wary, CN=wary root cluster.local 1795…`.
+    pub issuer: String,
 }
 
 /// A workload's current certificate and trust bundle, swappable in place.
@@ -282,5 +284,6 @@ pub fn certificate_info(cert: &CertificateDer<'_>) -> Result<CertificateInfo, St
         identity,
         not_after: ts(x509.validity().not_after),
         not_before: ts(x509.validity().not_before),
+        issuer: x509.issuer().to_string(),
     })
 }

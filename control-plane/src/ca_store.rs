@@ -65,8 +65,10 @@ pub struct CaStore {
     cached: Mutex<Option<(FileStamps, Arc<CaMaterial>)>>,
 }
 
-/// Modification times of the CA files, to notice a change.
-type FileStamps = Vec<Option<SystemTime>>;
+/// Modification time, size and inode of each CA file, to notice a change: mtimes alone
+/// miss two writes within one kernel clock tick, and every write here is a rename to a
+/// new inode.
+type FileStamps = Vec<Option<(SystemTime, u64, u64)>>;
 
 const FILES: [&str; 4] = ["trust-bundle.pem", "issuer.pem", "issuer-key.pem", "token.key"];
 
@@ -108,7 +110,11 @@ impl CaStore {
     pub fn current(&self) -> Result<Arc<CaMaterial>, CaStoreError> {
         let stamps: FileStamps = FILES
             .iter()
-            .map(|f| std::fs::metadata(self.dir.join(f)).and_then(|m| m.modified()).ok())
+            .map(|f| {
+                use std::os::unix::fs::MetadataExt;
+                let m = std::fs::metadata(self.dir.join(f)).ok()?;
+                Some((m.modified().ok()?, m.len(), m.ino()))
+            })
             .collect();
         let mut cached = self.cached.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((seen, material)) = cached.as_ref()

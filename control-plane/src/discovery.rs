@@ -35,6 +35,15 @@ use crate::snapshot::{Snapshot, TypeSnapshot};
 /// the control plane's memory without bound.
 pub const MAX_NAMES: usize = 10_000;
 
+/// The most resources a proxy may claim to hold per type on reconnect.
+pub const MAX_HELD: usize = 1_000_000;
+
+/// The longest resource name or node field accepted, bytes (a DNS name's limit).
+pub const MAX_NAME_BYTES: usize = 253;
+
+/// NACK reasons are kept and logged up to this many characters.
+pub const MAX_REASON_CHARS: usize = 4096;
+
 /// What the control plane knows of one connected proxy, served as JSON on `/proxies`.
 #[derive(Debug, Clone, Serialize, Default)]
 pub struct ProxyStatus {
@@ -264,7 +273,7 @@ impl ProxyStream {
             let _ = self.tx.send(Err(status)).await;
         }
         if let Some(node) = &self.node {
-            tracing::info!(proxy = %node.id, peer = %self.peer, "proxy disconnected");
+            tracing::info!(proxy = ?node.id, peer = %self.peer, "proxy disconnected");
         }
         self.registry.remove(self.id);
     }
@@ -272,12 +281,22 @@ impl ProxyStream {
     async fn on_request(&mut self, req: DiscoveryRequest, snapshot: &Snapshot) -> Result<(), End> {
         if self.node.is_none() {
             let node = req.node.clone().unwrap_or_default();
+            if node.id.len() > MAX_NAME_BYTES
+                || node.workload.len() > MAX_NAME_BYTES
+                || node.namespace.len() > MAX_NAME_BYTES
+            {
+                return Err(End::Refused(Status::invalid_argument(format!(
+                    "node.id, node.workload and node.namespace must be at most {MAX_NAME_BYTES} bytes"
+                ))));
+            }
             if node.id.is_empty() {
                 return Err(End::Refused(Status::invalid_argument(
                     "the first DiscoveryRequest of a stream must carry node.id (a unique name for the proxy)",
                 )));
             }
-            tracing::info!(proxy = %node.id, workload = %node.workload, peer = %self.peer, "proxy connected");
+            // Peer-controlled strings are logged with `?` (escaped), so they cannot forge
+            // log lines.
+            tracing::info!(proxy = ?node.id, workload = ?node.workload, peer = %self.peer, "proxy connected");
             self.registry.insert(
                 self.id,
                 ProxyStatus {
@@ -304,9 +323,24 @@ impl ProxyStream {
             ))));
         };
         let kind = kind_of(&req.type_url);
+        let too_long = req
+            .resource_names_subscribe
+            .iter()
+            .chain(req.initial_resource_versions.keys())
+            .any(|n| n.len() > MAX_NAME_BYTES);
+        if too_long {
+            return Err(End::Refused(Status::invalid_argument(format!(
+                "a resource name is longer than {MAX_NAME_BYTES} bytes"
+            ))));
+        }
         let first = !self.types.contains_key(&req.type_url);
         let ts = self.types.entry(req.type_url.clone()).or_default();
         if first {
+            if req.initial_resource_versions.len() > MAX_HELD {
+                return Err(End::Refused(Status::resource_exhausted(format!(
+                    "more than {MAX_HELD} initial_resource_versions for {kind}"
+                ))));
+            }
             ts.held = req.initial_resource_versions.into_iter().collect();
         }
         if let Some(err) = req.error_detail {
@@ -314,20 +348,23 @@ impl ProxyStream {
             // delta responses are not cumulative, so its rejections would otherwise be lost.
             metrics::counter!(m::NACKS, "type" => kind).increment(1);
             let proxy = self.node.as_ref().map(|n| n.id.as_str()).unwrap_or_default();
+            let reason: String = err.message.chars().take(MAX_REASON_CHARS).collect();
             tracing::warn!(
-                proxy, kind, nonce = %req.response_nonce, kept_version = %req.version_info,
-                rejected = ?err.rejected_resources, reason = %err.message, "proxy NACKed an update"
+                proxy, kind, nonce = ?req.response_nonce, kept_version = ?req.version_info,
+                rejected = ?err.rejected_resources.iter().take(16).collect::<Vec<_>>(),
+                reason = ?reason, "proxy NACKed an update"
             );
             let rejected: Vec<(String, String)> = err
                 .rejected_resources
                 .iter()
+                .take(MAX_NAMES)
                 .filter_map(|n| ts.held.get(n).map(|v| (n.clone(), v.clone())))
                 .collect();
             let nack = Nack {
                 nonce: req.response_nonce.clone(),
                 kept_version: req.version_info.clone(),
-                reason: err.message,
-                rejected_resources: err.rejected_resources,
+                reason,
+                rejected_resources: err.rejected_resources.into_iter().take(MAX_NAMES).collect(),
                 at_unix_seconds: unix_now(),
             };
             let current = req.response_nonce == ts.nonce;
@@ -369,24 +406,34 @@ impl ProxyStream {
                 ts.names.insert(name);
             }
         }
+        let unsubscribed = !req.resource_names_unsubscribe.is_empty();
         for name in req.resource_names_unsubscribe {
             if name == WILDCARD {
                 ts.wildcard = false;
             } else {
                 ts.names.remove(&name);
             }
+        }
+        if unsubscribed {
             // The proxy drops what it unsubscribed from itself (delta xDS).
             let (wildcard, names) = (ts.wildcard, &ts.names);
             ts.held.retain(|n, _| wildcard || names.contains(n));
         }
-        let subscribed: Vec<String> = ts
-            .wildcard
-            .then(|| WILDCARD.to_string())
-            .into_iter()
-            .chain(ts.names.iter().cloned())
-            .collect();
-        self.registry
-            .update(self.id, |p| p.types.entry(kind).or_default().subscribed = subscribed);
+        if changed || unsubscribed {
+            // The admin view shows the first names only: it must stay cheap to render.
+            let shown = 100;
+            let mut subscribed: Vec<String> = ts
+                .wildcard
+                .then(|| WILDCARD.to_string())
+                .into_iter()
+                .chain(ts.names.iter().take(shown).cloned())
+                .collect();
+            if ts.names.len() > shown {
+                subscribed.push(format!("… and {} more", ts.names.len() - shown));
+            }
+            self.registry
+                .update(self.id, |p| p.types.entry(kind).or_default().subscribed = subscribed);
+        }
         if changed {
             // The first request of a type is always answered, even with nothing, so the
             // proxy knows it is in sync.

@@ -179,6 +179,18 @@ async fn main() -> anyhow::Result<()> {
     let dir = args
         .config_dir
         .context("--config-dir DIR is required: a directory of YAML documents (e.g. examples/quickstart)")?;
+    if !dir.exists() {
+        bail!(
+            "--config-dir {}: does not exist; point it at a directory of YAML documents (e.g. examples/quickstart)",
+            dir.display()
+        );
+    }
+    if !dir.exists() {
+        bail!(
+            "--config-dir {}: does not exist; point it at a directory of YAML documents (e.g. examples/quickstart)",
+            dir.display()
+        );
+    }
     if !dir.is_dir() {
         bail!(
             "--config-dir {}: not a directory; point it at a directory of YAML documents (e.g. examples/quickstart)",

@@ -176,15 +176,20 @@ impl ConfigDir {
         let mut errors = Vec::new();
         self.last_good.retain(|path, _| files.contains(path));
         for file in &files {
-            let parsed = std::fs::read_to_string(file)
-                .map_err(|e| {
-                    vec![ConfigError {
+            let parsed = read_config_file(file).and_then(|text| parse_file(file, &text));
+            // An empty rewrite of a file that had documents is far more often a write
+            // caught half-way (or an editor's truncate-then-write) than a wish to remove
+            // everything in it; deleting the file says that unambiguously.
+            let parsed = match parsed {
+                Ok(docs) if docs.is_empty() && self.last_good.get(file).is_some_and(|d| !d.is_empty()) => {
+                    Err(vec![ConfigError {
                         file: file.clone(),
                         line: 0,
-                        reason: format!("cannot read: {e}"),
-                    }]
-                })
-                .and_then(|text| parse_file(file, &text));
+                        reason: "the file is now empty; to remove what it declared, delete the file".into(),
+                    }])
+                }
+                other => other,
+            };
             match parsed {
                 Ok(docs) => {
                     self.last_good.insert(file.clone(), docs);
@@ -202,6 +207,55 @@ impl ConfigDir {
         let documents = self.last_good.values().flatten().cloned().collect();
         Ok(Loaded { documents, errors })
     }
+}
+
+/// The largest configuration file read: 4 MiB. Larger ones are refused, so a stray
+/// symlink to a device or a huge file cannot exhaust memory.
+pub const MAX_FILE_BYTES: u64 = 4 << 20;
+
+/// Reads one file as UTF-8 text (a leading byte-order mark is dropped), refusing what
+/// is not a regular file or is larger than [`MAX_FILE_BYTES`].
+fn read_config_file(file: &Path) -> Result<String, Vec<ConfigError>> {
+    use std::io::Read;
+    let fail = |line: usize, reason: String| {
+        vec![ConfigError {
+            file: file.to_path_buf(),
+            line,
+            reason,
+        }]
+    };
+    let meta = std::fs::metadata(file).map_err(|e| fail(0, format!("cannot read: {e}")))?;
+    if !meta.is_file() {
+        return Err(fail(
+            0,
+            "not a regular file (a directory, pipe or device named like YAML): remove it or rename it".into(),
+        ));
+    }
+    let too_big = || {
+        fail(
+            0,
+            format!("larger than {} MiB: split it into several files", MAX_FILE_BYTES >> 20),
+        )
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_FILE_BYTES + 1).read_to_end(&mut bytes))
+        .map_err(|e| fail(0, format!("cannot read: {e}")))?;
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        let valid = &e.as_bytes()[..e.utf8_error().valid_up_to()];
+        let line = valid.iter().filter(|b| **b == b'\n').count() + 1;
+        fail(line, "not UTF-8 text: save the file as UTF-8".into())
+    })?;
+    Ok(match text.strip_prefix('\u{feff}') {
+        Some(rest) => rest.to_string(),
+        None => text,
+    })
 }
 
 fn yaml_files(root: &Path) -> std::io::Result<Vec<PathBuf>> {
@@ -409,40 +463,74 @@ fn meta_of(m: &kube::core::ObjectMeta) -> Metadata {
     }
 }
 
-/// serde_yaml appends " at line L column C" for the chunk; we report the file's line.
+/// serde_yaml appends " at line L column C" (relative to the document) to its messages,
+/// sometimes more than once; we report the file's line instead.
 fn strip_location(msg: &str) -> String {
-    match msg.rfind(" at line ") {
-        Some(i) => msg[..i].to_string(),
-        None => msg.to_string(),
+    let mut out = msg.to_string();
+    while let Some(i) = out.find(" at line ") {
+        let rest = &out[i + " at line ".len()..];
+        // " at line L column C" — drop through the column number.
+        let end = rest
+            .find(" column ")
+            .map(|c| {
+                let after = &rest[c + " column ".len()..];
+                c + " column ".len() + after.bytes().take_while(u8::is_ascii_digit).count()
+            })
+            .unwrap_or_else(|| rest.bytes().take_while(u8::is_ascii_digit).count());
+        out.replace_range(i..i + " at line ".len() + end, "");
     }
+    out
 }
 
-/// The 0-based line within `chunk` of the field at a dotted `path` (`spec.retries[0].x`),
-/// found by walking keys at increasing indentation; the deepest key found wins, and the
-/// document's first line when none is.
+/// The 0-based line within `chunk` of the field at a dotted `path`
+/// (`spec.rules[1].to[0].operation.methods[2]`), found by walking keys at increasing
+/// indentation and counting `- ` items for list indexes; the deepest place found wins,
+/// and the document's first line when none is.
 fn locate(chunk: &str, path: &str) -> usize {
-    let keys = path
-        .split('.')
-        .map(|seg| seg.split('[').next().unwrap_or(seg))
-        .filter(|k| !k.is_empty());
+    // (column of the line's content after any "- ", the content)
+    fn body(l: &str) -> (usize, &str) {
+        let content = l.trim_start().trim_start_matches("- ");
+        (l.len() - content.len(), content)
+    }
     let lines: Vec<&str> = chunk.lines().collect();
-    let (mut at, mut indent, mut found) = (0, None::<usize>, 0);
-    for key in keys {
-        let hit = lines.iter().enumerate().skip(at).find(|(_, l)| {
-            let trimmed = l.trim_start();
-            let body = trimmed.trim_start_matches("- ");
-            let col = l.len() - body.len();
-            indent.is_none_or(|i| col > i)
-                && (body.starts_with(&format!("{key}:")) || body.starts_with(&format!("\"{key}\":")))
-        });
-        match hit {
-            Some((i, l)) => {
-                let body = l.trim_start().trim_start_matches("- ");
-                indent = Some(l.len() - body.len());
-                at = i + 1;
-                found = i;
-            }
-            None => break,
+    let (mut at, mut indent, mut found) = (0usize, None::<usize>, 0usize);
+    for segment in path.split('.').filter(|s| !s.is_empty()) {
+        let mut parts = segment.split('[');
+        let key = parts.next().unwrap_or_default();
+        let indexes: Vec<usize> = parts.filter_map(|p| p.trim_end_matches(']').parse().ok()).collect();
+        if !key.is_empty() {
+            let hit = lines.iter().enumerate().skip(at).find(|(_, l)| {
+                let (col, content) = body(l);
+                indent.is_none_or(|i| col > i)
+                    && (content.starts_with(&format!("{key}:")) || content.starts_with(&format!("\"{key}\":")))
+            });
+            let Some((i, l)) = hit else { break };
+            indent = Some(body(l).0);
+            at = i + 1;
+            found = i;
+        }
+        for n in indexes {
+            // Block sequence items are the lines at one column that start with "- ".
+            let parent = indent.unwrap_or(0);
+            let items: Vec<usize> = lines
+                .iter()
+                .enumerate()
+                .skip(at)
+                .take_while(|(_, l)| l.trim().is_empty() || l.len() - l.trim_start().len() >= parent)
+                .filter(|(_, l)| l.trim_start().starts_with("- "))
+                .map(|(i, l)| (i, l.len() - l.trim_start().len()))
+                .scan(None, |col, (i, c)| {
+                    let first = *col.get_or_insert(c);
+                    Some((i, c == first))
+                })
+                .filter_map(|(i, same)| same.then_some(i))
+                .collect();
+            let Some(&i) = items.get(n) else { return found };
+            let (col, _) = body(lines[i]);
+            // Keys of the item sit at the column after "- ".
+            indent = Some(col.saturating_sub(1));
+            at = i;
+            found = i;
         }
     }
     found
@@ -503,6 +591,49 @@ spec:
                 .starts_with("x.yaml:9: TrafficPolicy tp: spec.retries.budget.ratio"),
             "{}",
             errs[0]
+        );
+    }
+
+    #[test]
+    fn list_indexes_are_located() {
+        let chunk = "spec:\n  ports:\n  - port: 80\n  - port: 0\n  rules:\n  - to:\n    - operation:\n        methods: [GET]\n  - to:\n    - operation:\n        methods: [get]\n";
+        assert_eq!(locate(chunk, "spec.ports[1].port"), 3);
+        assert_eq!(locate(chunk, "spec.ports[0].port"), 2);
+        assert_eq!(locate(chunk, "spec.rules[1].to[0].operation.methods[0]"), 10);
+        assert_eq!(
+            strip_location("bad at line 4 column 2, while x at line 1 column 9"),
+            "bad, while x"
+        );
+    }
+
+    #[test]
+    fn odd_files_are_refused_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("bom.yaml"), "\u{feff}apiVersion: local.wary.io/v1alpha1\nkind: Service\nmetadata: {name: a}\nspec: {ports: [{port: 80}]}\n").unwrap();
+        std::fs::write(dir.path().join("latin1.yaml"), b"a: 1\nname: caf\xe9\n").unwrap();
+        std::fs::create_dir(dir.path().join("dir.yaml")).unwrap();
+        std::os::unix::fs::symlink("/dev/zero", dir.path().join("zero.yaml")).unwrap();
+        let mut source = ConfigDir::new(dir.path());
+        let loaded = source.load().unwrap();
+        assert_eq!(loaded.documents.len(), 1, "the BOM file parses");
+        let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
+        assert!(
+            errors.iter().any(|e| e.contains("latin1.yaml:2: not UTF-8 text")),
+            "{errors:?}"
+        );
+        assert!(
+            errors.iter().any(|e| e.contains("zero.yaml: not a regular file")),
+            "{errors:?}"
+        );
+
+        // Emptying a file that had documents keeps them, and says how to remove them.
+        std::fs::write(dir.path().join("bom.yaml"), "").unwrap();
+        let loaded = source.load().unwrap();
+        assert_eq!(loaded.documents.len(), 1);
+        assert!(
+            loaded.errors.iter().any(|e| e.reason.contains("delete the file")),
+            "{:?}",
+            loaded.errors
         );
     }
 

@@ -208,6 +208,7 @@ pub fn certificate_dump(creds: &Credentials) -> Value {
             "identity": c.identity.to_string(),
             "not_before_unix_seconds": unix(c.not_before),
             "not_after_unix_seconds": unix(c.not_after),
+            "issuer": c.issuer,
             "trust_anchors": creds.trust_bundle().anchors().len(),
         }),
         None => Value::Null,

@@ -28,7 +28,27 @@ pub struct ControlPlane {
 }
 
 impl ControlPlane {
-    /// The control plane at `url` with the default identity in `trust_domain`.
+    /// Checks that `url` is `http(s)://host:port`, so a typo fails at start-up rather
+    /// than in an endless reconnect loop.
+    ///
+    /// # Errors
+    /// A message naming the URL and the expected shape.
+    pub fn validate_url(url: &str) -> Result<(), String> {
+        let bad = |why: &str| {
+            format!("--control-plane {url:?}: {why}; expected https://HOST:PORT, e.g. https://127.0.0.1:8086")
+        };
+        let uri: Uri = url.parse().map_err(|_| bad("not a URL"))?;
+        match uri.scheme_str() {
+            Some("https" | "http") => {}
+            _ => return Err(bad("the scheme must be https")),
+        }
+        if uri.host().is_none_or(str::is_empty) {
+            return Err(bad("no host"));
+        }
+        Ok(())
+    }
+
+    /// The control plane at `url`, which must present `identity`.
     pub fn new(url: impl Into<String>, identity: SpiffeId) -> Self {
         Self {
             url: url.into(),

@@ -33,6 +33,10 @@ use crate::control::ControlPlane;
 use crate::metrics as m;
 use crate::state::{Cache, DiscoveryState, Resources};
 
+/// A session that lasted this long and delivered updates resets the reconnect backoff:
+/// 10 s.
+pub const HEALTHY_SESSION: Duration = Duration::from_secs(10);
+
 /// The largest discovery response accepted: 64 MiB, as the control plane's limit.
 pub const MAX_RESPONSE_BYTES: usize = 64 << 20;
 
@@ -135,10 +139,13 @@ pub async fn run(config: DiscoveryConfig, cache: Arc<Cache>) {
     let mut attempt = 0u32;
     loop {
         let mut progressed = false;
+        let started = tokio::time::Instant::now();
         let result = session(&config, &cache, &mut progressed).await;
         metrics::gauge!(m::DISCOVERY_CONNECTED).set(0.0);
         cache.set_connected(false);
-        if progressed {
+        // Back off afresh only after a stream that delivered and stayed up a while: a
+        // control plane that answers once and hangs up must not cause a reconnect storm.
+        if progressed && started.elapsed() >= HEALTHY_SESSION {
             attempt = 0;
         }
         let delay = config.backoff.delay(attempt);
@@ -214,7 +221,7 @@ fn apply(extra_check: Option<&ExtraCheck>, cache: &Cache, response: DiscoveryRes
             check(r)?;
             check_inbound(decode(r)?)
         }),
-        other => errors.push((String::new(), format!("unknown resource type {other:?}"))),
+        other => errors.push(("(response)".into(), format!("unknown resource type {other:?}"))),
     }
     let nack = !errors.is_empty();
     let version_info = if nack {
@@ -263,6 +270,10 @@ fn merge<T>(
     decode: impl Fn(&Resource) -> Result<T, String>,
 ) {
     for r in &response.resources {
+        if r.name.is_empty() {
+            errors.push(("(unnamed)".into(), "resource has no name".into()));
+            continue;
+        }
         match decode(r) {
             Ok(item) => {
                 into.items.insert(r.name.clone(), Arc::new(item));

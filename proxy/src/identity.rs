@@ -114,12 +114,12 @@ pub async fn certify(config: &IdentityConfig, creds: &Arc<Credentials>) -> Resul
     Ok(info)
 }
 
-/// When to renew a certificate: 65–75 % into its lifetime.
-pub fn renewal_delay(info: &CertificateInfo, now: SystemTime) -> Duration {
-    let lifetime = info.not_after.duration_since(info.not_before).unwrap_or_default();
-    let fraction = rand::rng().random_range(0.65..=0.75);
-    let at = info.not_before + lifetime.mul_f64(fraction);
-    at.duration_since(now).unwrap_or_default()
+/// When to renew a certificate received at `received`: 65–75 % of the way from then to
+/// its expiry. Measured from receipt, not `notBefore`, which the CA backdates by a
+/// minute for clock skew (with a 10 s certificate, 70 % from `notBefore` is already past).
+pub fn renewal_delay(info: &CertificateInfo, received: SystemTime) -> Duration {
+    let remaining = info.not_after.duration_since(received).unwrap_or_default();
+    remaining.mul_f64(rand::rng().random_range(0.65..=0.75))
 }
 
 /// Keeps the proxy certified: the first certificate (retrying until it comes), then
@@ -129,11 +129,12 @@ pub async fn run(config: IdentityConfig, creds: Arc<Credentials>, first: impl Fn
     let mut first = Some(first);
     let mut attempt = 0u32;
     loop {
+        let received = SystemTime::now();
         match certify(&config, &creds).await {
             Ok(info) => {
                 attempt = 0;
                 metrics::counter!(m::CERT_RENEWALS, "result" => "ok").increment(1);
-                let delay = renewal_delay(&info, SystemTime::now());
+                let delay = renewal_delay(&info, received);
                 tracing::info!(
                     identity = %info.identity, renew_in_ms = delay.as_millis() as u64,
                     "certificate installed"

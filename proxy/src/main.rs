@@ -104,6 +104,7 @@ async fn main() -> anyhow::Result<()> {
         Some(id) => id.parse()?,
         None => SpiffeId::new(trust_domain, "wary-system", "wary-control-plane")?,
     };
+    ControlPlane::validate_url(&args.control_plane).map_err(anyhow::Error::msg)?;
     let control_plane = ControlPlane::new(args.control_plane, cp_identity);
 
     let id = args

@@ -155,7 +155,7 @@ async fn a_nack_is_recorded_and_later_updates_still_flow() {
         "{line}"
     );
     assert!(
-        line.contains(&format!("kept_version={}", first.services.version_info)),
+        line.contains(&format!("kept_version=\"{}\"", first.services.version_info)),
         "{line}"
     );
     let proxies = wait_until("the NACK on /proxies", || async {
