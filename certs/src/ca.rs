@@ -74,9 +74,11 @@ impl MeshCa {
         let mut dn = DistinguishedName::new();
         dn.push(DnType::OrganizationName, "Wary");
         let now = OffsetDateTime::now_utc();
+        // Unique per anchor (nanoseconds), so two anchors in one bundle never share a
+        // subject: chain building and operators both tell them apart by it.
         dn.push(
             DnType::CommonName,
-            format!("wary root {trust_domain} {}", now.unix_timestamp()),
+            format!("wary root {trust_domain} {}", now.unix_timestamp_nanos()),
         );
         params.distinguished_name = dn;
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(1));

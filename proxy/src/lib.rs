@@ -5,16 +5,23 @@
 //! * [`discovery`]: the stream to the control plane: subscribe, apply, ACK/NACK,
 //!   reconnect with backoff.
 //! * [`state`]: the last good resources, read lock-free by everything else.
+//! * [`outbound`]: the app's requests: destination, service, endpoint, and over
+//!   [`pool`] (HTTP/2 over mTLS) to the peer proxy.
+//! * [`inbound`]: mTLS from peers, the client's identity for the app, the app's own
+//!   protocol. [`http`] holds what both sides share.
 //! * [`admin`], [`metrics`]: what operators see.
 //!
-//! The data path (outbound, inbound, balancing, resilience) joins these modules as it
-//! lands; see `shared/DESIGN.md` for the picture.
+//! Balancing (P2C over Peak-EWMA) and resilience join as they land.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
 pub mod control;
 pub mod discovery;
+pub mod http;
 pub mod identity;
+pub mod inbound;
 pub mod metrics;
+pub mod outbound;
+pub mod pool;
 pub mod state;

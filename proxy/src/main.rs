@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::Parser;
@@ -15,6 +16,9 @@ use wary_certs::{SpiffeId, TrustDomain};
 use wary_proto::discovery::Node;
 use wary_proxy::control::ControlPlane;
 use wary_proxy::identity::{IdentityConfig, TokenSource};
+use wary_proxy::inbound::Inbound;
+use wary_proxy::outbound::Outbound;
+use wary_proxy::pool::PeerPool;
 use wary_proxy::{admin::Admin, discovery, identity, metrics as m, state::Cache};
 
 /// Wary's sidecar proxy.
@@ -56,6 +60,17 @@ struct Args {
     /// `<workload>.<namespace>/<pid>`.
     #[arg(long, env = "WARY_PROXY_ID")]
     id: Option<String>,
+    /// Where the app sends its outbound requests (explicit mode: set
+    /// HTTP_PROXY=http://<this address>).
+    #[arg(long, env = "WARY_OUTBOUND_ADDR", default_value = "127.0.0.1:4140")]
+    outbound_addr: SocketAddr,
+    /// Where peers reach this workload over mTLS; its IP is the workload's address, where
+    /// the app listens. Default 127.0.0.1:4143.
+    #[arg(long, env = "WARY_INBOUND_ADDR", default_value = "127.0.0.1:4143")]
+    inbound_addr: SocketAddr,
+    /// TCP + TLS connect timeout to peers, ms (Linkerd's default).
+    #[arg(long, env = "WARY_CONNECT_TIMEOUT_MS", default_value_t = 1000)]
+    connect_timeout_ms: u64,
     /// Address of the admin server (/metrics, /ready, /live, /config_dump).
     #[arg(long, env = "WARY_ADMIN_ADDR", default_value = "127.0.0.1:4191")]
     admin_addr: SocketAddr,
@@ -116,6 +131,7 @@ async fn main() -> anyhow::Result<()> {
         namespace: args.namespace,
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
     };
+    let namespace = node.namespace.clone();
     let config = discovery::DiscoveryConfig::new(control_plane.clone(), creds.clone(), node);
     let cache = Arc::new(Cache::default());
 
@@ -126,6 +142,32 @@ async fn main() -> anyhow::Result<()> {
         )
     })?;
     let admin_addr = admin_listener.local_addr()?;
+    let outbound_listener = TcpListener::bind(args.outbound_addr).await.with_context(|| {
+        format!(
+            "cannot listen on {} for outbound traffic: pick another with --outbound-addr",
+            args.outbound_addr
+        )
+    })?;
+    let inbound_listener = TcpListener::bind(args.inbound_addr).await.with_context(|| {
+        format!(
+            "cannot listen on {} for inbound traffic: pick another with --inbound-addr",
+            args.inbound_addr
+        )
+    })?;
+    let (outbound_addr, inbound_addr) = (outbound_listener.local_addr()?, inbound_listener.local_addr()?);
+    let pool = Arc::new(PeerPool::new(
+        creds.clone(),
+        Duration::from_millis(args.connect_timeout_ms),
+    ));
+    let outbound = Arc::new(Outbound::new(cache.clone(), pool, namespace));
+    tokio::spawn(outbound.serve(outbound_listener));
+    let inbound = Arc::new(Inbound::new(inbound_addr.ip()));
+    let inbound_tls = wary_certs::tls::server_config(
+        &creds,
+        wary_certs::tls::ClientAuth::Required,
+        &[wary_certs::tls::ALPN_H2],
+    );
+    tokio::spawn(inbound.serve(inbound_listener, inbound_tls));
     let admin = Admin {
         prometheus,
         cache: cache.clone(),
@@ -149,8 +191,8 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    tracing::info!(%admin_addr, "proxy started");
-    println!("wary-proxy admin={admin_addr}");
+    tracing::info!(%admin_addr, %inbound_addr, %outbound_addr, "proxy started");
+    println!("wary-proxy admin={admin_addr} inbound={inbound_addr} outbound={outbound_addr}");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {

@@ -21,6 +21,10 @@ pub const TLS_HANDSHAKE_FAILURES: &str = "wary_proxy_tls_handshake_failures_tota
 /// Counter, by `direction`: TLS handshakes that succeeded.
 pub const TLS_HANDSHAKES: &str = "wary_proxy_tls_handshakes_total";
 
+/// Counter, by `direction` and `service` (`<name>.<namespace>` from the mesh's own
+/// configuration, `passthrough` outside the mesh, `local` inbound): requests proxied.
+pub const REQUESTS: &str = "wary_proxy_requests_total";
+
 /// Registers the help text and unit of every metric.
 pub fn describe() {
     describe_gauge!(

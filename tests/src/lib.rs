@@ -274,23 +274,29 @@ pub struct Proxy {
     _child: Child,
     /// Its admin server's address.
     pub admin: SocketAddr,
+    /// Its inbound (mTLS) listener.
+    pub inbound: SocketAddr,
+    /// Its outbound listener (the app's HTTP_PROXY).
+    pub outbound: SocketAddr,
     /// Its stderr (logs).
     pub logs: Logs,
 }
 
 impl Proxy {
-    /// Starts a proxy for `workload` (a Workload in the mesh) with a fresh join token.
+    /// Starts a proxy for `workload` (a Workload in the mesh) with a fresh join token,
+    /// its inbound on a free port of 127.0.0.1 (for tests that carry no traffic).
     pub async fn start(cp: &ControlPlane, workload: &str) -> Self {
+        Self::start_at(cp, workload, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// Starts a proxy for `workload` with its inbound listener on `inbound` (the
+    /// workload's address and inbound port, where peers reach it).
+    pub async fn start_at(cp: &ControlPlane, workload: &str, inbound: SocketAddr) -> Self {
         let token = cp.token(workload).await;
         let mut child = Command::new(binary("wary-proxy"))
-            .args([
-                "--control-plane",
-                &cp.discovery_url(),
-                "--workload",
-                workload,
-                "--admin-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["--control-plane", &cp.discovery_url(), "--workload", workload])
+            .args(["--admin-addr", "127.0.0.1:0", "--outbound-addr", "127.0.0.1:0"])
+            .args(["--inbound-addr", &inbound.to_string()])
             .arg("--trust-anchors")
             .arg(&cp.trust_anchors)
             .env("WARY_JOIN_TOKEN", token)
@@ -303,16 +309,27 @@ impl Proxy {
         let logs = Logs::default();
         logs.follow(format!("proxy {workload}"), child.stderr.take().unwrap());
         let line = first_line(&mut child).await;
-        let admin = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("admin="))
-            .and_then(|a| a.parse().ok())
-            .unwrap_or_else(|| panic!("no admin= in {line:?}"));
+        let addr = |key: &str| -> SocketAddr {
+            line.split_whitespace()
+                .find_map(|w| w.strip_prefix(key))
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+        };
         Self {
+            admin: addr("admin="),
+            inbound: addr("inbound="),
+            outbound: addr("outbound="),
             _child: child,
-            admin,
             logs,
         }
+    }
+
+    /// Waits until `/ready` answers 200.
+    pub async fn wait_ready(&self) {
+        wait_until("the proxy is ready", || async {
+            (self.admin_get("/ready").await == "ok\n").then_some(())
+        })
+        .await;
     }
 
     /// GETs an admin page; see [`curl`] for the shape of the answer.
@@ -515,4 +532,138 @@ spec:
     port: {port}
 "
     )
+}
+
+/// A tiny HTTP/1.1 app: answers every request with 200, `hello from <name>`, and echoes
+/// the `wary-client-id` it received in `x-seen-client-id`. Stops when dropped.
+pub struct App {
+    task: tokio::task::JoinHandle<()>,
+    /// Requests served.
+    pub served: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Drop for App {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl App {
+    /// Serves on `addr` (a loopback address).
+    pub async fn start(addr: SocketAddr, name: &str) -> Self {
+        use http_body_util::Full;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (name, count) = (name.to_string(), served.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((tcp, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (name, count) = (name.clone(), count.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                        count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let seen = req.headers().get("wary-client-id").cloned();
+                        let body = format!("hello from {name}");
+                        async move {
+                            let mut response = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
+                            if let Some(seen) = seen {
+                                response.headers_mut().insert("x-seen-client-id", seen);
+                            }
+                            Ok::<_, std::convert::Infallible>(response)
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                        .await;
+                });
+            }
+        });
+        Self { task, served }
+    }
+}
+
+/// What a load run saw.
+#[derive(Debug, Default)]
+pub struct LoadReport {
+    /// Requests sent.
+    pub sent: u64,
+    /// Answered 200.
+    pub ok: u64,
+    /// Every other outcome, with the first few described.
+    pub failed: u64,
+    /// Up to 10 failures, described.
+    pub failures: Vec<String>,
+}
+
+/// Sends `rate` requests per second for `duration` through the proxy at `proxy` (as an
+/// `HTTP_PROXY` client would: absolute-form URIs) to `url`. Each request is its own
+/// task, so a slow answer does not lower the rate. Bounded in count and time.
+pub async fn load(proxy: SocketAddr, url: &str, rate: u32, duration: Duration) -> LoadReport {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(ProxyConnector(proxy));
+    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let failures = Arc::new(Mutex::new(Vec::new()));
+    let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
+    let total = u64::from(rate) * duration.as_secs();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..total {
+        tick.tick().await;
+        let (client, ok, failed, failures) = (client.clone(), ok.clone(), failed.clone(), failures.clone());
+        let uri: hyper::Uri = url.parse().expect("a URL");
+        tasks.spawn(async move {
+            let outcome = tokio::time::timeout(Duration::from_secs(10), client.get(uri)).await;
+            let failure = match outcome {
+                Ok(Ok(r)) if r.status() == 200 => None,
+                Ok(Ok(r)) => Some(format!("{} {:?}", r.status(), r.headers().get("wary-error"))),
+                Ok(Err(e)) => Some(format!("client error: {e:?}")),
+                Err(_) => Some("no answer within 10 s".to_string()),
+            };
+            match failure {
+                None => ok.fetch_add(1, Ordering::Relaxed),
+                Some(f) => {
+                    let mut list = failures.lock().unwrap();
+                    if list.len() < 10 {
+                        list.push(f);
+                    }
+                    failed.fetch_add(1, Ordering::Relaxed)
+                }
+            };
+        });
+    }
+    while tasks.join_next().await.is_some() {}
+    let failures = failures.lock().unwrap().clone();
+    LoadReport {
+        sent: total,
+        ok: ok.load(Ordering::Relaxed),
+        failed: failed.load(Ordering::Relaxed),
+        failures,
+    }
+}
+
+/// Connects every request to the proxy, whatever its URI says (an `HTTP_PROXY` client).
+#[derive(Clone)]
+struct ProxyConnector(SocketAddr);
+
+impl tower::Service<hyper::Uri> for ProxyConnector {
+    type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;
+    type Error = std::io::Error;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, _: hyper::Uri) -> Self::Future {
+        let addr = self.0;
+        Box::pin(async move {
+            tokio::net::TcpStream::connect(addr)
+                .await
+                .map(hyper_util::rt::TokioIo::new)
+        })
+    }
 }

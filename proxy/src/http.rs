@@ -1,0 +1,97 @@
+//! HTTP details shared by the outbound and inbound sides: the body type, the headers
+//! the mesh adds between proxies, hop-by-hop header removal, and the errors the proxy
+//! itself answers with.
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Full};
+
+/// Every body the proxy sends: a peer's streamed body, or a small one it made.
+pub type Body = BoxBody<Bytes, hyper::Error>;
+
+/// Set by the inbound proxy for the app: the client's verified SPIFFE ID. Removed from
+/// anything else that sets it (an app, a peer), so the app can trust it.
+pub const CLIENT_ID: HeaderName = HeaderName::from_static("wary-client-id");
+
+/// Between proxies: the app port the request is for on the peer's workload.
+pub const DST_PORT: HeaderName = HeaderName::from_static("wary-dst-port");
+
+/// Between proxies: the protocol the client spoke (`h1` or `h2`), restored on the far
+/// side.
+pub const ORIG_PROTO: HeaderName = HeaderName::from_static("wary-orig-proto");
+
+/// On responses the proxy generated itself: a short machine-readable cause, e.g.
+/// `no-endpoints`, `connect-failed`, `tls-wrong_identity`.
+pub const ERROR: HeaderName = HeaderName::from_static("wary-error");
+
+/// Headers that belong to one hop and must not be forwarded (RFC 9110 §7.6.1), plus
+/// `Proxy-Connection` (a non-standard one clients still send).
+const HOP_BY_HOP: [HeaderName; 8] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+];
+
+/// Removes hop-by-hop headers, including those the `Connection` header names.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    for name in named.iter().chain(HOP_BY_HOP.iter()) {
+        headers.remove(name);
+    }
+}
+
+/// Removes the headers only proxies may set, so nothing outside can forge them.
+pub fn strip_mesh_headers(headers: &mut HeaderMap) {
+    for name in [CLIENT_ID, DST_PORT, ORIG_PROTO] {
+        headers.remove(name);
+    }
+}
+
+/// A small body.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into()).map_err(|never| match never {}).boxed()
+}
+
+/// A response the proxy generated: `status`, a `wary-error: <cause>` header, and a body
+/// of one line saying what the mesh saw.
+pub fn error_response(status: StatusCode, cause: &'static str, message: String) -> Response<Body> {
+    tracing::debug!(%status, cause, %message, "answering with an error");
+    let mut response = Response::new(full(format!("{message}\n")));
+    *response.status_mut() = status;
+    response.headers_mut().insert(ERROR, HeaderValue::from_static(cause));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_headers_go_including_those_connection_names() {
+        let mut h = HeaderMap::new();
+        h.insert(header::CONNECTION, HeaderValue::from_static("close, x-secret"));
+        h.insert("x-secret", HeaderValue::from_static("1"));
+        h.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.insert("x-kept", HeaderValue::from_static("1"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-kept"));
+    }
+}

@@ -1,0 +1,251 @@
+//! The outbound side: the app's requests to other services.
+//!
+//! ```text
+//! app ─HTTP/1.1 or h2c─▶ 127.0.0.1:4140 ─▶ destination (absolute URI, Host, :authority)
+//!   ─▶ discovery: which service? ──no──▶ passthrough (forwarded as is, counted)
+//!          │yes
+//!          ▼
+//!      endpoint (balance) ─▶ PeerPool: HTTP/2 over mTLS to <endpoint>:<mesh port>,
+//!                            the app port and the client's protocol in headers
+//! ```
+//!
+//! The destination is read through one seam ([`destination`]), so the transparent mode's
+//! original destination (`SO_ORIGINAL_DST`) plugs in there.
+
+use std::convert::Infallible;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use http::uri::{Authority, Scheme};
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+use wary_certs::SpiffeId;
+use wary_proto::discovery::Endpoint;
+
+use crate::http::{self as h, Body, error_response};
+use crate::metrics as m;
+use crate::pool::{ConnectError, PeerPool};
+use crate::state::Cache;
+
+/// The outbound proxy.
+pub struct Outbound {
+    cache: Arc<Cache>,
+    pool: Arc<PeerPool>,
+    namespace: String,
+    passthrough: Client<HttpConnector, Body>,
+    next: AtomicUsize,
+}
+
+impl Outbound {
+    /// Routes with the discovery state in `cache`, for a client in `namespace`, over
+    /// connections from `pool`.
+    pub fn new(cache: Arc<Cache>, pool: Arc<PeerPool>, namespace: String) -> Self {
+        Self {
+            cache,
+            pool,
+            namespace,
+            passthrough: Client::builder(TokioExecutor::new()).build_http(),
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    /// Serves the app's connections on `listener` (HTTP/1.1, or HTTP/2 with prior
+    /// knowledge) until the process ends.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let (tcp, _) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "outbound accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let outbound = self.clone();
+            tokio::spawn(async move {
+                let service = service_fn(move |req| {
+                    let outbound = outbound.clone();
+                    async move { Ok::<_, Infallible>(outbound.handle(req).await) }
+                });
+                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                    .serve_connection(TokioIo::new(tcp), service)
+                    .await;
+            });
+        }
+    }
+
+    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let Some(dst) = destination(&req) else {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "no-destination",
+                "no destination: send an absolute-form URI (HTTP_PROXY) or a Host header".into(),
+            );
+        };
+        let state = self.cache.load();
+        let service = state.resolve(dst.host(), &self.namespace).filter(|s| {
+            s.ports
+                .iter()
+                .any(|p| p.port == u32::from(dst.port_u16().unwrap_or(80)))
+        });
+        let Some(service) = service else {
+            metrics::counter!(m::REQUESTS, "direction" => "outbound", "service" => "passthrough").increment(1);
+            return self.forward_plain(req, dst.clone(), None).await;
+        };
+        let port = u32::from(dst.port_u16().unwrap_or(80));
+        let name = format!("{}.{}", service.name, service.namespace);
+        let ready: Vec<&Endpoint> = state
+            .endpoints
+            .items
+            .get(&name)
+            .map(|e| {
+                e.endpoints
+                    .iter()
+                    .filter(|e| e.ready && e.service_port == port)
+                    .collect()
+            })
+            .unwrap_or_default();
+        metrics::counter!(m::REQUESTS, "direction" => "outbound", "service" => name.clone()).increment(1);
+        if ready.is_empty() {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-endpoints",
+                format!("{name}:{port}: no ready endpoints"),
+            );
+        }
+        // Round robin until P2C over Peak-EWMA lands in `balance`.
+        let endpoint = ready[self.next.fetch_add(1, Ordering::Relaxed) % ready.len()];
+        let Ok(ip) = endpoint.address.parse::<IpAddr>() else {
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                "bad-endpoint",
+                format!("{name}: bad endpoint address"),
+            );
+        };
+        if endpoint.mesh_port == 0 {
+            let to = SocketAddr::new(ip, endpoint.port as u16);
+            return self.forward_plain(req, dst, Some(to)).await;
+        }
+        let identity: SpiffeId = match endpoint.identity.parse() {
+            Ok(id) => id,
+            Err(_) => {
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "bad-endpoint",
+                    format!("{name}: endpoint has no identity"),
+                );
+            }
+        };
+        let peer = SocketAddr::new(ip, endpoint.mesh_port as u16);
+        self.forward_mesh(req, &dst, peer, &identity, endpoint.port).await
+    }
+
+    /// Over the mesh: HTTP/2 over mTLS to the peer proxy.
+    async fn forward_mesh(
+        &self,
+        req: Request<Incoming>,
+        dst: &Authority,
+        peer: SocketAddr,
+        identity: &SpiffeId,
+        app_port: u32,
+    ) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        let proto = if parts.version == Version::HTTP_2 { "h2" } else { "h1" };
+        h::strip_hop_by_hop(&mut parts.headers);
+        h::strip_mesh_headers(&mut parts.headers);
+        parts.headers.insert(h::DST_PORT, HeaderValue::from(app_port));
+        parts.headers.insert(h::ORIG_PROTO, HeaderValue::from_static(proto));
+        parts.headers.remove(http::header::HOST);
+        parts.uri = with_authority(&parts.uri, dst);
+        parts.version = Version::HTTP_2;
+        let mut sender = match self.pool.get(peer, identity).await {
+            Ok(s) => s,
+            Err(e) => return connect_error(&e),
+        };
+        match sender.send_request(Request::from_parts(parts, body.boxed())).await {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                h::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(e) => {
+                self.pool.evict(peer, identity);
+                error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "peer-failed",
+                    format!("request to {peer} failed: {e}"),
+                )
+            }
+        }
+    }
+
+    /// Outside the mesh (or to an endpoint without a proxy): plain HTTP/1.1 to `to`, or
+    /// to the destination itself.
+    async fn forward_plain(&self, req: Request<Incoming>, dst: Authority, to: Option<SocketAddr>) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
+        h::strip_hop_by_hop(&mut parts.headers);
+        h::strip_mesh_headers(&mut parts.headers);
+        let target = match to {
+            Some(addr) => Authority::try_from(addr.to_string().as_str()).unwrap_or(dst.clone()),
+            None => dst.clone(),
+        };
+        if !parts.headers.contains_key(http::header::HOST)
+            && let Ok(host) = HeaderValue::from_str(dst.as_str())
+        {
+            parts.headers.insert(http::header::HOST, host);
+        }
+        parts.uri = with_authority(&parts.uri, &target);
+        parts.version = Version::HTTP_11;
+        match self.passthrough.request(Request::from_parts(parts, body.boxed())).await {
+            Ok(response) => {
+                let (mut parts, body) = response.into_parts();
+                h::strip_hop_by_hop(&mut parts.headers);
+                Response::from_parts(parts, body.boxed())
+            }
+            Err(e) => error_response(
+                StatusCode::BAD_GATEWAY,
+                "connect-failed",
+                format!("{target}: {}", crate::control::causes(&e)),
+            ),
+        }
+    }
+}
+
+/// Where the app wants to go: the absolute-form URI's authority (`HTTP_PROXY` clients),
+/// the HTTP/2 `:authority`, or the `Host` header. The one seam for the destination.
+pub fn destination<B>(req: &Request<B>) -> Option<Authority> {
+    if let Some(a) = req.uri().authority() {
+        return Some(a.clone());
+    }
+    req.headers()
+        .get(http::header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .and_then(|h| h.parse().ok())
+}
+
+fn with_authority(uri: &Uri, authority: &Authority) -> Uri {
+    let mut parts = uri.clone().into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    parts.authority = Some(authority.clone());
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static("/"));
+    }
+    Uri::from_parts(parts).unwrap_or_else(|_| uri.clone())
+}
+
+fn connect_error(e: &ConnectError) -> Response<Body> {
+    let (status, cause) = match e {
+        ConnectError::Tcp { .. } => (StatusCode::SERVICE_UNAVAILABLE, "connect-failed"),
+        ConnectError::Tls { .. } => (StatusCode::BAD_GATEWAY, "tls-failed"),
+        ConnectError::Http2 { .. } => (StatusCode::BAD_GATEWAY, "http2-failed"),
+    };
+    error_response(status, cause, e.to_string())
+}

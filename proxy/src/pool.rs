@@ -1,0 +1,164 @@
+//! Connections to peer proxies: one multiplexed HTTP/2 connection over mTLS per
+//! endpoint (fallacy 7: transport costs), opened on first use and replaced when it
+//! closes.
+//!
+//! The server's certificate must lead to the trust bundle and name the identity the
+//! control plane published for the endpoint; rustls checks both in the handshake
+//! (see `wary_certs::tls`). A failed handshake is counted by reason.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use hyper::client::conn::http2::SendRequest;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::net::TcpStream;
+use tokio_rustls::TlsConnector;
+use wary_certs::SpiffeId;
+use wary_certs::credentials::Credentials;
+use wary_certs::tls::{ALPN_H2, HandshakeFailure, client_config, server_name};
+
+use crate::http::Body;
+use crate::metrics as m;
+
+/// Why a connection to a peer could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    /// TCP connect failed or timed out (the peer is down or unreachable).
+    #[error("cannot connect to {addr}: {reason}")]
+    Tcp {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+    /// The TLS handshake failed.
+    #[error("TLS to {addr} failed ({reason}); expected {expected}")]
+    Tls {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why, as a metric label.
+        reason: HandshakeFailure,
+        /// The identity expected.
+        expected: SpiffeId,
+    },
+    /// The HTTP/2 handshake failed.
+    #[error("HTTP/2 with {addr} failed: {reason}")]
+    Http2 {
+        /// The peer.
+        addr: SocketAddr,
+        /// Why.
+        reason: String,
+    },
+}
+
+/// Pooled HTTP/2 connections to peer proxies, by address and expected identity.
+pub struct PeerPool {
+    connector: TlsConnector,
+    connect_timeout: Duration,
+    conns: Mutex<HashMap<(SocketAddr, SpiffeId), Slot>>,
+}
+
+/// One peer's connection, behind an async lock so concurrent callers wait for a single
+/// connect instead of each opening their own.
+type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Body>>>>;
+
+impl PeerPool {
+    /// A pool presenting `creds` and verifying peers against its bundle; TCP + TLS
+    /// connects time out after `connect_timeout` (default 1 s, Linkerd).
+    pub fn new(creds: Arc<Credentials>, connect_timeout: Duration) -> Self {
+        let connector = TlsConnector::from(client_config(&creds, &[ALPN_H2]));
+        Self {
+            connector,
+            connect_timeout,
+            conns: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// A sender on a ready connection to `addr` that presents `identity`, opening one if
+    /// needed. Concurrent callers for one peer wait for a single connect.
+    ///
+    /// # Errors
+    /// [`ConnectError`] when TCP, TLS or HTTP/2 fails.
+    pub async fn get(&self, addr: SocketAddr, identity: &SpiffeId) -> Result<SendRequest<Body>, ConnectError> {
+        let slot = {
+            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            conns.entry((addr, identity.clone())).or_default().clone()
+        };
+        let mut slot = slot.lock().await;
+        if let Some(sender) = slot.as_ref()
+            && !sender.is_closed()
+            && sender.is_ready()
+        {
+            return Ok(sender.clone());
+        }
+        let sender = self.connect(addr, identity).await?;
+        *slot = Some(sender.clone());
+        Ok(sender)
+    }
+
+    /// Forgets the connection to `addr` (after it failed), so the next request opens a
+    /// new one.
+    pub fn evict(&self, addr: SocketAddr, identity: &SpiffeId) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(&(addr, identity.clone()));
+    }
+
+    async fn connect(&self, addr: SocketAddr, identity: &SpiffeId) -> Result<SendRequest<Body>, ConnectError> {
+        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ConnectError::Tcp {
+                addr,
+                reason: format!("timed out after {:?}", self.connect_timeout),
+            })?
+            .map_err(|e| ConnectError::Tcp {
+                addr,
+                reason: e.to_string(),
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let name = server_name(identity).map_err(|e| ConnectError::Http2 {
+            addr,
+            reason: e.to_string(),
+        })?;
+        let tls = match tokio::time::timeout(self.connect_timeout, self.connector.connect(name, tcp)).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(e)) => {
+                let reason = HandshakeFailure::classify(&e);
+                metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "direction" => "outbound", "reason" => reason.as_str())
+                    .increment(1);
+                tracing::warn!(%addr, expected = %identity, %reason, error = %e, "refused a peer's TLS");
+                return Err(ConnectError::Tls {
+                    addr,
+                    reason,
+                    expected: identity.clone(),
+                });
+            }
+            Err(_) => {
+                return Err(ConnectError::Tcp {
+                    addr,
+                    reason: format!("TLS handshake timed out after {:?}", self.connect_timeout),
+                });
+            }
+        };
+        metrics::counter!(m::TLS_HANDSHAKES, "direction" => "outbound").increment(1);
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5))
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| ConnectError::Http2 {
+                addr,
+                reason: e.to_string(),
+            })?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%addr, error = %e, "peer connection ended");
+            }
+        });
+        Ok(sender)
+    }
+}
