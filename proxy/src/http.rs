@@ -60,6 +60,14 @@ pub fn strip_mesh_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// A response from upstream, ready to relay downstream: hop-by-hop headers removed,
+/// the body streamed through untouched.
+pub fn relay(response: Response<hyper::body::Incoming>) -> Response<Body> {
+    let (mut parts, body) = response.into_parts();
+    strip_hop_by_hop(&mut parts.headers);
+    Response::from_parts(parts, body.boxed())
+}
+
 /// A small body.
 pub fn full(bytes: impl Into<Bytes>) -> Body {
     Full::new(bytes.into()).map_err(|never| match never {}).boxed()

@@ -147,11 +147,7 @@ impl Inbound {
         let app = if http2 { &self.http2 } else { &self.http1 };
         metrics::counter!(m::REQUESTS, "direction" => "inbound", "service" => "local").increment(1);
         match app.request(Request::from_parts(parts, body.boxed())).await {
-            Ok(response) => {
-                let (mut parts, body) = response.into_parts();
-                h::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.boxed())
-            }
+            Ok(response) => h::relay(response),
             Err(e) => error_response(
                 StatusCode::BAD_GATEWAY,
                 "app-unavailable",

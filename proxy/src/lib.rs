@@ -11,11 +11,14 @@
 //!   protocol. [`http`] holds what both sides share.
 //! * [`admin`], [`metrics`]: what operators see.
 //!
-//! Balancing (P2C over Peak-EWMA) and resilience join as they land.
+//! * [`balance`]: P2C over Peak-EWMA, fed by the time to each response's first byte.
+//!
+//! Resilience (timeouts, retries, circuit breaking) joins as it lands.
 
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod balance;
 pub mod control;
 pub mod discovery;
 pub mod http;

@@ -13,9 +13,9 @@
 //! original destination (`SO_ORIGINAL_DST`) plugs in there.
 
 use std::convert::Infallible;
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
@@ -27,7 +27,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use wary_certs::SpiffeId;
-use wary_proto::discovery::Endpoint;
+use wary_proto::discovery::load_balancer::Algorithm as Algorithm_;
+use wary_proto::discovery::{Endpoint, Service};
+
+use crate::balance::{Algorithm, Balancers, Pick, Settings};
 
 use crate::http::{self as h, Body, error_response};
 use crate::metrics as m;
@@ -40,7 +43,7 @@ pub struct Outbound {
     pool: Arc<PeerPool>,
     namespace: String,
     passthrough: Client<HttpConnector, Body>,
-    next: AtomicUsize,
+    balancers: Balancers,
 }
 
 impl Outbound {
@@ -52,7 +55,7 @@ impl Outbound {
             pool,
             namespace,
             passthrough: Client::builder(TokioExecutor::new()).build_http(),
-            next: AtomicUsize::new(0),
+            balancers: Balancers::default(),
         }
     }
 
@@ -98,7 +101,7 @@ impl Outbound {
         });
         let Some(service) = service else {
             metrics::counter!(m::REQUESTS, "direction" => "outbound", "service" => "passthrough").increment(1);
-            return self.forward_plain(req, dst.clone(), None).await;
+            return self.forward_plain(req, dst.clone(), None, None).await;
         };
         let port = u32::from(dst.port_u16().unwrap_or(80));
         let name = format!("{}.{}", service.name, service.namespace);
@@ -121,18 +124,30 @@ impl Outbound {
                 format!("{name}:{port}: no ready endpoints"),
             );
         }
-        // Round robin until P2C over Peak-EWMA lands in `balance`.
-        let endpoint = ready[self.next.fetch_add(1, Ordering::Relaxed) % ready.len()];
-        let Ok(ip) = endpoint.address.parse::<IpAddr>() else {
+        let addrs: Vec<SocketAddr> = ready
+            .iter()
+            .filter_map(|e| Some(SocketAddr::new(e.address.parse().ok()?, u16::try_from(e.port).ok()?)))
+            .collect();
+        if addrs.len() != ready.len() {
             return error_response(
                 StatusCode::BAD_GATEWAY,
                 "bad-endpoint",
                 format!("{name}: bad endpoint address"),
             );
+        }
+        let settings = balance_settings(service);
+        let Some(pick) = self.balancers.get(&name).pick(&addrs, &settings) else {
+            return error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-endpoints",
+                format!("{name}:{port}: no ready endpoints"),
+            );
         };
+        let endpoint = ready[pick.index];
+        let ip = addrs[pick.index].ip();
         if endpoint.mesh_port == 0 {
             let to = SocketAddr::new(ip, endpoint.port as u16);
-            return self.forward_plain(req, dst, Some(to)).await;
+            return self.forward_plain(req, dst, Some(to), Some(pick)).await;
         }
         let identity: SpiffeId = match endpoint.identity.parse() {
             Ok(id) => id,
@@ -145,7 +160,7 @@ impl Outbound {
             }
         };
         let peer = SocketAddr::new(ip, endpoint.mesh_port as u16);
-        self.forward_mesh(req, &dst, peer, &identity, endpoint.port).await
+        self.forward_mesh(req, &dst, peer, &identity, endpoint.port, pick).await
     }
 
     /// Over the mesh: HTTP/2 over mTLS to the peer proxy.
@@ -156,6 +171,7 @@ impl Outbound {
         peer: SocketAddr,
         identity: &SpiffeId,
         app_port: u32,
+        mut pick: Pick,
     ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
         let proto = if parts.version == Version::HTTP_2 { "h2" } else { "h1" };
@@ -172,9 +188,8 @@ impl Outbound {
         };
         match sender.send_request(Request::from_parts(parts, body.boxed())).await {
             Ok(response) => {
-                let (mut parts, body) = response.into_parts();
-                h::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.boxed())
+                pick.first_byte();
+                hold_until_body_ends(h::relay(response), pick)
             }
             Err(e) => {
                 self.pool.evict(peer, identity);
@@ -189,7 +204,13 @@ impl Outbound {
 
     /// Outside the mesh (or to an endpoint without a proxy): plain HTTP/1.1 to `to`, or
     /// to the destination itself.
-    async fn forward_plain(&self, req: Request<Incoming>, dst: Authority, to: Option<SocketAddr>) -> Response<Body> {
+    async fn forward_plain(
+        &self,
+        req: Request<Incoming>,
+        dst: Authority,
+        to: Option<SocketAddr>,
+        pick: Option<Pick>,
+    ) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
         h::strip_hop_by_hop(&mut parts.headers);
         h::strip_mesh_headers(&mut parts.headers);
@@ -205,17 +226,55 @@ impl Outbound {
         parts.uri = with_authority(&parts.uri, &target);
         parts.version = Version::HTTP_11;
         match self.passthrough.request(Request::from_parts(parts, body.boxed())).await {
-            Ok(response) => {
-                let (mut parts, body) = response.into_parts();
-                h::strip_hop_by_hop(&mut parts.headers);
-                Response::from_parts(parts, body.boxed())
-            }
+            Ok(response) => match pick {
+                Some(mut pick) => {
+                    pick.first_byte();
+                    hold_until_body_ends(h::relay(response), pick)
+                }
+                None => h::relay(response),
+            },
             Err(e) => error_response(
                 StatusCode::BAD_GATEWAY,
                 "connect-failed",
                 format!("{target}: {}", crate::control::causes(&e)),
             ),
         }
+    }
+}
+
+/// The endpoint stays "in flight" for the balancer until the response body has been
+/// relayed (or dropped), not just until its headers arrive.
+fn hold_until_body_ends(response: Response<Body>, pick: Pick) -> Response<Body> {
+    response.map(|body| {
+        body.map_frame(move |frame| {
+            let _in_flight = &pick;
+            frame
+        })
+        .boxed()
+    })
+}
+
+/// The balancer settings a service's traffic policy asks for.
+fn balance_settings(service: &Service) -> Settings {
+    let lb = service.traffic_policy.as_ref().and_then(|tp| tp.load_balancer.as_ref());
+    let duration = |d: Option<&prost_types::Duration>| {
+        d.and_then(|d| {
+            Some(Duration::new(
+                u64::try_from(d.seconds).ok()?,
+                u32::try_from(d.nanos).ok()?,
+            ))
+        })
+    };
+    let defaults = Settings::default();
+    Settings {
+        algorithm: match lb.map(|lb| lb.algorithm()) {
+            Some(Algorithm_::RoundRobin) => Algorithm::RoundRobin,
+            _ => Algorithm::Ewma,
+        },
+        decay: duration(lb.and_then(|lb| lb.decay.as_ref()))
+            .filter(|d| !d.is_zero())
+            .unwrap_or(defaults.decay),
+        default_rtt: duration(lb.and_then(|lb| lb.default_rtt.as_ref())).unwrap_or(defaults.default_rtt),
     }
 }
 

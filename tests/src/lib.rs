@@ -216,6 +216,21 @@ impl ControlPlane {
             .expect("connect to the control plane")
     }
 
+    /// Runs one `wary-control-plane ca <step>` on this control plane's CA directory.
+    pub async fn ca(&self, step: &str) {
+        let out = Command::new(binary("wary-control-plane"))
+            .args(["ca", step, "--ca-dir"])
+            .arg(&self.ca_dir)
+            .output()
+            .await
+            .expect("run wary-control-plane ca");
+        assert!(
+            out.status.success(),
+            "ca {step}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// Mints a join token for `workload` in `default` with the real CLI.
     pub async fn token(&self, workload: &str) -> String {
         let out = Command::new(binary("wary-control-plane"))
@@ -322,6 +337,11 @@ impl Proxy {
             _child: child,
             logs,
         }
+    }
+
+    /// The certificate as `/config_dump` shows it (identity, validity, issuer, anchors).
+    pub async fn certificate(&self) -> serde_json::Value {
+        self.config_dump().await["certificate"].clone()
     }
 
     /// Waits until `/ready` answers 200.
@@ -515,8 +535,13 @@ spec:
     )
 }
 
-/// A local Workload document labelled `app: <app>`.
+/// A local Workload document labelled `app: <app>`, running as service account `<app>`.
 pub fn workload(name: &str, app: &str, address: &str, port: u16) -> String {
+    workload_as(name, app, app, address, port)
+}
+
+/// A local Workload document labelled `app: <app>`, running as service account `sa`.
+pub fn workload_as(name: &str, app: &str, sa: &str, address: &str, port: u16) -> String {
     format!(
         "apiVersion: local.wary.io/v1alpha1
 kind: Workload
@@ -525,7 +550,7 @@ metadata:
   labels:
     app: {app}
 spec:
-  serviceAccount: {app}
+  serviceAccount: {sa}
   address: {address}
   ports:
   - name: http
@@ -540,6 +565,8 @@ pub struct App {
     task: tokio::task::JoinHandle<()>,
     /// Requests served.
     pub served: Arc<std::sync::atomic::AtomicU64>,
+    /// Extra time before each answer, ms: set it to slow the app down on command.
+    pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Drop for App {
@@ -556,19 +583,25 @@ impl App {
             .await
             .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (name, count) = (name.to_string(), served.clone());
+        let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (name, count, delay) = (name.to_string(), served.clone(), delay_ms.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                let (name, count) = (name.clone(), count.clone());
+                let (name, count, delay) = (name.clone(), count.clone(), delay.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let delay = delay.clone();
                         let seen = req.headers().get("wary-client-id").cloned();
                         let body = format!("hello from {name}");
+                        let wait = Duration::from_millis(delay.load(std::sync::atomic::Ordering::Relaxed));
                         async move {
+                            if !wait.is_zero() {
+                                tokio::time::sleep(wait).await;
+                            }
                             let mut response = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
                             if let Some(seen) = seen {
                                 response.headers_mut().insert("x-seen-client-id", seen);
@@ -582,7 +615,7 @@ impl App {
                 });
             }
         });
-        Self { task, served }
+        Self { task, served, delay_ms }
     }
 }
 

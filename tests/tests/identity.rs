@@ -103,25 +103,6 @@ async fn the_control_plane_refuses_plaintext_and_strangers_refuse_it() {
     );
 }
 
-/// The proxy's certificate as `/config_dump` shows it.
-async fn certificate(proxy: &Proxy) -> serde_json::Value {
-    proxy.config_dump().await["certificate"].clone()
-}
-
-async fn ca(cp: &ControlPlane, step: &str) {
-    let out = Command::new(binary("wary-control-plane"))
-        .args(["ca", step, "--ca-dir"])
-        .arg(&cp.ca_dir)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ca {step}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 #[tokio::test]
 async fn a_proxy_renews_and_follows_a_root_rotation() {
     let mesh = MeshDir::new();
@@ -130,7 +111,7 @@ async fn a_proxy_renews_and_follows_a_root_rotation() {
     let cp = ControlPlane::start(&mesh).await;
     let proxy = Proxy::start(&cp, "web-1").await;
     let first = wait_until("a certificate", || async {
-        let c = certificate(&proxy).await;
+        let c = proxy.certificate().await;
         (!c.is_null()).then_some(c)
     })
     .await;
@@ -148,7 +129,7 @@ async fn a_proxy_renews_and_follows_a_root_rotation() {
     let mut seen = first["not_after_unix_seconds"].as_u64().unwrap();
     for _ in 0..2 {
         let next = wait_until("a renewal", || async {
-            let after = certificate(&proxy).await["not_after_unix_seconds"].as_u64()?;
+            let after = proxy.certificate().await["not_after_unix_seconds"].as_u64()?;
             (after > seen).then_some(after)
         })
         .await;
@@ -164,27 +145,27 @@ async fn a_proxy_renews_and_follows_a_root_rotation() {
     );
 
     // Root rotation: add an anchor, switch the issuer, drop the old anchor.
-    let old_issuer = certificate(&proxy).await["issuer"].clone();
-    ca(&cp, "add-anchor").await;
+    let old_issuer = proxy.certificate().await["issuer"].clone();
+    cp.ca("add-anchor").await;
     wait_until("the proxy trusts two anchors", || async {
-        (certificate(&proxy).await["trust_anchors"] == 2).then_some(())
+        (proxy.certificate().await["trust_anchors"] == 2).then_some(())
     })
     .await;
-    ca(&cp, "use-next").await;
+    cp.ca("use-next").await;
     wait_until("a certificate from the new anchor", || async {
-        let c = certificate(&proxy).await;
+        let c = proxy.certificate().await;
         (c["issuer"] != old_issuer && c["trust_anchors"] == 2).then_some(())
     })
     .await;
-    ca(&cp, "drop-old").await;
+    cp.ca("drop-old").await;
     wait_until("the proxy trusts only the new anchor", || async {
-        (certificate(&proxy).await["trust_anchors"] == 1).then_some(())
+        (proxy.certificate().await["trust_anchors"] == 1).then_some(())
     })
     .await;
     // Still connected to the control plane, which re-issued its own certificate.
-    let renewed = certificate(&proxy).await["not_after_unix_seconds"].as_u64().unwrap();
+    let renewed = proxy.certificate().await["not_after_unix_seconds"].as_u64().unwrap();
     wait_until("a renewal after the rotation", || async {
-        let after = certificate(&proxy).await["not_after_unix_seconds"].as_u64()?;
+        let after = proxy.certificate().await["not_after_unix_seconds"].as_u64()?;
         (after > renewed).then_some(())
     })
     .await;

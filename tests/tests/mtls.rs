@@ -15,29 +15,10 @@ use tokio::process::Command;
 use wary_certs::ca::MeshCa;
 use wary_certs::credentials::TrustBundle;
 use wary_certs::tls::{ALPN_H2, server_name};
-use wary_tests::{App, ControlPlane, MeshDir, Proxy, binary, load, wait_until};
+use wary_tests::{App, ControlPlane, MeshDir, Proxy, binary, load, wait_until, workload_as};
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
-}
-
-/// A Workload at `ip` serving `port`, labelled `app: <app>`, running as `sa`.
-fn workload(name: &str, app: &str, sa: &str, ip: &str, port: u16) -> String {
-    format!(
-        "apiVersion: local.wary.io/v1alpha1
-kind: Workload
-metadata:
-  name: {name}
-  labels:
-    app: {app}
-spec:
-  serviceAccount: {sa}
-  address: {ip}
-  ports:
-  - name: http
-    port: {port}
-"
-    )
 }
 
 const BACKEND_SERVICE: &str = "apiVersion: local.wary.io/v1alpha1
@@ -66,10 +47,13 @@ struct Pair {
 async fn pair(net: &str, extra: &str) -> Pair {
     let mesh = MeshDir::new();
     mesh.write("service.yaml", BACKEND_SERVICE);
-    mesh.write("web.yaml", &workload("web-1", "web", "web", &format!("{net}.1"), 8080));
+    mesh.write(
+        "web.yaml",
+        &workload_as("web-1", "web", "web", &format!("{net}.1"), 8080),
+    );
     mesh.write(
         "backend.yaml",
-        &workload("backend-1", "backend", "backend", &format!("{net}.2"), 8080),
+        &workload_as("backend-1", "backend", "backend", &format!("{net}.2"), 8080),
     );
     if !extra.is_empty() {
         mesh.write("extra.yaml", extra);
@@ -236,7 +220,7 @@ fn rcgen_key() -> rcgen::KeyPair {
 async fn a_server_with_the_wrong_identity_is_refused_by_the_client_proxy() {
     // `impostor-1` runs as another service account; its proxy listens where the
     // control plane says backend-1's proxy is.
-    let impostor = workload("impostor-1", "impostor", "impostor", "127.0.5.9", 8080);
+    let impostor = workload_as("impostor-1", "impostor", "impostor", "127.0.5.9", 8080);
     let p = pair("127.0.5", &impostor).await;
     drop(p.backend);
     let fake = Proxy::start_at(&p.cp, "impostor-1", addr("127.0.5.2:4143")).await;
@@ -278,24 +262,6 @@ async fn renewals(proxy: &Proxy) -> u64 {
         .unwrap_or_default()
 }
 
-async fn certificate(proxy: &Proxy) -> serde_json::Value {
-    proxy.config_dump().await["certificate"].clone()
-}
-
-async fn ca_step(cp: &ControlPlane, step: &str) {
-    let out = Command::new(binary("wary-control-plane"))
-        .args(["ca", step, "--ca-dir"])
-        .arg(&cp.ca_dir)
-        .output()
-        .await
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "ca {step}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// 200 requests/s for 60 s through a proxy pair whose certificates live 10 s, while the
 /// trust anchor is rotated in three steps: not one request may fail.
 #[tokio::test]
@@ -309,25 +275,25 @@ async fn rotations_under_steady_load_lose_no_request() {
     ));
 
     let both = [&p.web, &p.backend];
-    let old_issuer = certificate(&p.web).await["issuer"].clone();
-    ca_step(&p.cp, "add-anchor").await;
+    let old_issuer = p.web.certificate().await["issuer"].clone();
+    p.cp.ca("add-anchor").await;
     for proxy in both {
         wait_until("both anchors trusted", || async {
-            (certificate(proxy).await["trust_anchors"] == 2).then_some(())
+            (proxy.certificate().await["trust_anchors"] == 2).then_some(())
         })
         .await;
     }
-    ca_step(&p.cp, "use-next").await;
+    p.cp.ca("use-next").await;
     for proxy in both {
         wait_until("a certificate from the new anchor", || async {
-            (certificate(proxy).await["issuer"] != old_issuer).then_some(())
+            (proxy.certificate().await["issuer"] != old_issuer).then_some(())
         })
         .await;
     }
-    ca_step(&p.cp, "drop-old").await;
+    p.cp.ca("drop-old").await;
     for proxy in both {
         wait_until("only the new anchor trusted", || async {
-            (certificate(proxy).await["trust_anchors"] == 1).then_some(())
+            (proxy.certificate().await["trust_anchors"] == 1).then_some(())
         })
         .await;
     }

@@ -1,0 +1,321 @@
+//! Endpoint choice: power of two choices (P2C) over Peak-EWMA cost.
+//!
+//! ```text
+//! ready endpoints ─▶ pick two at random ─▶ the one with the lower cost
+//!    cost = Peak-EWMA RTT × (in-flight + 1)
+//!    RTT: sampled at the first response byte; a sample above the estimate replaces
+//!         it at once (peak), one below pulls it down with weight e^(−Δt/decay);
+//!         with no samples the estimate decays, so an idle endpoint is tried again
+//! ```
+//!
+//! Sources: Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing"
+//! (2001); Peak-EWMA from Finagle, as Linkerd and tower-balance use it. A new endpoint
+//! starts at the default RTT (30 ms), floored at 1 ms so it never looks free
+//! (tower#134), and is therefore tried promptly without being flooded.
+//!
+//! The balancer knows nothing of discovery: it is handed the ready endpoints of a
+//! request and keeps per-endpoint statistics by address, which survive updates.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rand::Rng;
+use tokio::time::Instant;
+
+/// Peak-EWMA decay time constant when the policy sets none: 10 s (Linkerd).
+pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
+/// RTT assumed for an endpoint without samples: 30 ms (Linkerd).
+pub const DEFAULT_RTT: Duration = Duration::from_millis(30);
+/// No estimate goes below 1 ms: a near-zero seed would make an endpoint look free.
+pub const RTT_FLOOR: Duration = Duration::from_millis(1);
+
+/// The algorithm, per service (`TrafficPolicy.loadBalancer.algorithm`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Algorithm {
+    /// P2C over Peak-EWMA (the default).
+    Ewma,
+    /// Round robin, for comparison.
+    RoundRobin,
+}
+
+/// Balancer settings for one service.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Settings {
+    /// The algorithm.
+    pub algorithm: Algorithm,
+    /// Peak-EWMA decay time constant.
+    pub decay: Duration,
+    /// The RTT of an endpoint without samples (floored at [`RTT_FLOOR`]).
+    pub default_rtt: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            algorithm: Algorithm::Ewma,
+            decay: DEFAULT_DECAY,
+            default_rtt: DEFAULT_RTT,
+        }
+    }
+}
+
+/// One endpoint's load statistics.
+#[derive(Debug)]
+pub struct EndpointLoad {
+    /// The RTT estimate and when it was last touched.
+    ewma: Mutex<(f64, Instant)>,
+    in_flight: AtomicU32,
+}
+
+impl EndpointLoad {
+    fn new(default_rtt: Duration) -> Self {
+        let seed = default_rtt.max(RTT_FLOOR).as_secs_f64();
+        Self {
+            ewma: Mutex::new((seed, Instant::now())),
+            in_flight: AtomicU32::new(0),
+        }
+    }
+
+    /// The estimate now, after decay since the last touch, in seconds.
+    pub fn rtt(&self, decay: Duration) -> f64 {
+        let mut g = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        let elapsed = now.saturating_duration_since(g.1).as_secs_f64();
+        // Decaying toward the floor while idle lets a once-slow endpoint be tried again.
+        let w = (-elapsed / decay.as_secs_f64()).exp();
+        g.0 = (g.0 * w).max(RTT_FLOOR.as_secs_f64());
+        g.1 = now;
+        g.0
+    }
+
+    /// Requests in flight.
+    pub fn in_flight(&self) -> u32 {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+
+    /// Cost: RTT estimate × (in-flight + 1).
+    pub fn cost(&self, decay: Duration) -> f64 {
+        self.rtt(decay) * f64::from(self.in_flight() + 1)
+    }
+
+    fn observe(&self, sample: Duration, decay: Duration) {
+        let sample = sample.max(RTT_FLOOR).as_secs_f64();
+        let mut g = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Instant::now();
+        if sample > g.0 {
+            // Peak: a slowdown is believed at once.
+            g.0 = sample;
+        } else {
+            let elapsed = now.saturating_duration_since(g.1).as_secs_f64();
+            let w = (-elapsed / decay.as_secs_f64()).exp();
+            g.0 = g.0 * w + sample * (1.0 - w);
+        }
+        g.1 = now;
+    }
+}
+
+/// An endpoint chosen for one request. Counts as in flight until dropped; call
+/// [`Pick::first_byte`] when the response starts, to feed the RTT estimate.
+pub struct Pick {
+    /// The chosen endpoint's index in the slice given to [`Balancer::pick`].
+    pub index: usize,
+    load: Arc<EndpointLoad>,
+    decay: Duration,
+    started: Instant,
+    sampled: bool,
+}
+
+impl Pick {
+    /// Records the time to the first response byte as an RTT sample.
+    pub fn first_byte(&mut self) {
+        if !self.sampled {
+            self.sampled = true;
+            self.load.observe(self.started.elapsed(), self.decay);
+        }
+    }
+}
+
+impl Drop for Pick {
+    fn drop(&mut self) {
+        self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The balancer of one service: load statistics by endpoint address.
+#[derive(Debug, Default)]
+pub struct Balancer {
+    loads: Mutex<HashMap<SocketAddr, Arc<EndpointLoad>>>,
+    next: AtomicUsize,
+}
+
+impl Balancer {
+    /// Chooses among `endpoints` (non-empty) with `settings`; `None` when empty.
+    pub fn pick(&self, endpoints: &[SocketAddr], settings: &Settings) -> Option<Pick> {
+        let index = match (endpoints.len(), settings.algorithm) {
+            (0, _) => return None,
+            (1, _) => 0,
+            (n, Algorithm::RoundRobin) => self.next.fetch_add(1, Ordering::Relaxed) % n,
+            (n, Algorithm::Ewma) => {
+                let mut rng = rand::rng();
+                let a = rng.random_range(0..n);
+                let b = (a + rng.random_range(1..n)) % n;
+                let (ca, cb) = (
+                    self.load(endpoints[a], settings).cost(settings.decay),
+                    self.load(endpoints[b], settings).cost(settings.decay),
+                );
+                if cb < ca { b } else { a }
+            }
+        };
+        let load = self.load(endpoints[index], settings);
+        load.in_flight.fetch_add(1, Ordering::Relaxed);
+        Some(Pick {
+            index,
+            load,
+            decay: settings.decay,
+            started: Instant::now(),
+            sampled: false,
+        })
+    }
+
+    /// The statistics of `addr`, created at the default RTT on first sight.
+    pub fn load(&self, addr: SocketAddr, settings: &Settings) -> Arc<EndpointLoad> {
+        let mut loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
+        loads
+            .entry(addr)
+            .or_insert_with(|| Arc::new(EndpointLoad::new(settings.default_rtt)))
+            .clone()
+    }
+
+    /// Forgets endpoints that are no longer in `current` (after a discovery update).
+    pub fn retain(&self, current: &[SocketAddr]) {
+        self.loads
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|a, _| current.contains(a));
+    }
+
+    /// Every endpoint's (address, RTT estimate in seconds, in flight), for admin pages.
+    pub fn snapshot(&self, settings: &Settings) -> Vec<(SocketAddr, f64, u32)> {
+        let loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
+        loads
+            .iter()
+            .map(|(a, l)| (*a, l.rtt(settings.decay), l.in_flight()))
+            .collect()
+    }
+}
+
+/// Balancers for every service, by `<name>.<namespace>`.
+#[derive(Debug, Default)]
+pub struct Balancers {
+    services: Mutex<HashMap<String, Arc<Balancer>>>,
+}
+
+impl Balancers {
+    /// The balancer of `service`, created on first use.
+    pub fn get(&self, service: &str) -> Arc<Balancer> {
+        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = services.get(service) {
+            return b.clone();
+        }
+        services.entry(service.to_string()).or_default().clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addrs(n: u8) -> Vec<SocketAddr> {
+        (1..=n).map(|i| SocketAddr::from(([127, 0, 0, i], 80))).collect()
+    }
+
+    /// Simulates steady load with `concurrency` requests in flight for `steps` ms of
+    /// paused time; `rtt(i)` is endpoint i's response time. Returns picks per endpoint.
+    async fn simulate(
+        b: &Balancer,
+        eps: &[SocketAddr],
+        concurrency: usize,
+        steps: u32,
+        rtt: impl Fn(usize) -> u64,
+    ) -> Vec<u32> {
+        let s = Settings::default();
+        let mut share = vec![0u32; eps.len()];
+        let mut pending: Vec<(Instant, Pick)> = Vec::new();
+        for _ in 0..steps {
+            while pending.len() < concurrency {
+                let pick = b.pick(eps, &s).unwrap();
+                share[pick.index] += 1;
+                let due = Instant::now() + Duration::from_millis(rtt(pick.index));
+                pending.push((due, pick));
+            }
+            tokio::time::advance(Duration::from_millis(1)).await;
+            let now = Instant::now();
+            pending.retain_mut(|(due, pick)| {
+                if *due <= now {
+                    pick.first_byte();
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        share
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_endpoint_loses_its_share_and_wins_it_back_when_idle() {
+        let b = Balancer::default();
+        let eps = addrs(3);
+        simulate(&b, &eps, 6, 2000, |_| 10).await;
+        // Endpoint 0 slows by 50 ms: within 2 s it gets under 10 % of requests.
+        let share = simulate(&b, &eps, 6, 2000, |i| if i == 0 { 60 } else { 10 }).await;
+        let total: u32 = share.iter().sum();
+        assert!(share[0] * 10 < total, "the slow endpoint got {share:?}");
+        // Idle for three decay times: the penalty fades and it is tried again.
+        tokio::time::advance(Duration::from_secs(30)).await;
+        let s = Settings::default();
+        let rtt = b.load(eps[0], &s).rtt(s.decay);
+        assert!(rtt < 0.005, "{rtt}");
+        let share = simulate(&b, &eps, 6, 2000, |_| 10).await;
+        let total: u32 = share.iter().sum();
+        assert!(share[0] * 5 > total, "the recovered endpoint got {share:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_new_endpoint_is_tried_and_not_starved() {
+        let b = Balancer::default();
+        let mut eps = addrs(3);
+        simulate(&b, &eps, 6, 2000, |_| 10).await;
+        eps.push(SocketAddr::from(([127, 0, 0, 9], 80)));
+        let share = simulate(&b, &eps, 6, 2000, |_| 10).await;
+        let total: u32 = share.iter().sum();
+        assert!(share[3] * 100 >= total * 15, "the new endpoint got {share:?}");
+    }
+
+    #[test]
+    fn in_flight_counts_until_the_pick_is_dropped() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .build()
+            .unwrap();
+        rt.block_on(async {
+            let b = Balancer::default();
+            let s = Settings::default();
+            let eps = addrs(1);
+            let p = b.pick(&eps, &s).unwrap();
+            assert_eq!(b.load(eps[0], &s).in_flight(), 1);
+            drop(p);
+            assert_eq!(b.load(eps[0], &s).in_flight(), 0);
+            let rr = Settings {
+                algorithm: Algorithm::RoundRobin,
+                ..s
+            };
+            let three = addrs(3);
+            let order: Vec<usize> = (0..6).map(|_| b.pick(&three, &rr).unwrap().index).collect();
+            assert_eq!(order, [0, 1, 2, 0, 1, 2]);
+        });
+    }
+}

@@ -1,0 +1,90 @@
+//! Latency-aware balancing with real proxies: an endpoint that slows down loses its
+//! traffic to the others (P2C over Peak-EWMA), measured at the backends themselves.
+
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use wary_tests::{App, ControlPlane, MeshDir, Proxy, load, wait_until, workload_as};
+
+const SERVICE: &str = "apiVersion: local.wary.io/v1alpha1
+kind: Service
+metadata:
+  name: backend
+spec:
+  selector:
+    app: backend
+  ports:
+  - name: http
+    port: 9090
+    targetPort: http
+";
+
+fn served(apps: &[App]) -> Vec<u64> {
+    apps.iter().map(|a| a.served.load(Ordering::Relaxed)).collect()
+}
+
+#[tokio::test]
+async fn a_slowed_backend_loses_its_traffic_to_the_fast_ones() {
+    let mesh = MeshDir::new();
+    mesh.write("service.yaml", SERVICE);
+    mesh.write("web.yaml", &workload_as("web-1", "web", "web", "127.0.7.1", 8080));
+    for i in 1..=3 {
+        mesh.write(
+            &format!("backend-{i}.yaml"),
+            &workload_as(
+                &format!("backend-{i}"),
+                "backend",
+                "backend",
+                &format!("127.0.7.1{i}"),
+                8080,
+            ),
+        );
+    }
+    let cp = ControlPlane::start(&mesh).await;
+    let mut apps = Vec::new();
+    let mut proxies = Vec::new();
+    for i in 1..=3 {
+        let ip = format!("127.0.7.1{i}");
+        apps.push(App::start(format!("{ip}:8080").parse().unwrap(), &format!("backend-{i}")).await);
+        proxies.push(Proxy::start_at(&cp, &format!("backend-{i}"), format!("{ip}:4143").parse().unwrap()).await);
+    }
+    let web = Proxy::start_at(&cp, "web-1", "127.0.7.1:4143".parse::<SocketAddr>().unwrap()).await;
+    for p in proxies.iter().chain([&web]) {
+        p.wait_ready().await;
+    }
+    let run = tokio::spawn(load(
+        web.outbound,
+        "http://backend.default:9090/",
+        150,
+        Duration::from_secs(20),
+    ));
+
+    // Everyone takes a share while all are equally fast.
+    wait_until("all three backends serve", || async {
+        served(&apps).iter().all(|n| *n >= 100).then_some(())
+    })
+    .await;
+
+    // backend-1 slows by 50 ms. After a short settling window (2 s at most by the
+    // acceptance bound; here: the next 150 requests), it gets under 10 % of the traffic.
+    apps[0].delay_ms.store(50, Ordering::Relaxed);
+    let settle = served(&apps).iter().sum::<u64>() + 150;
+    wait_until("settling", || async {
+        (served(&apps).iter().sum::<u64>() >= settle).then_some(())
+    })
+    .await;
+    let before = served(&apps);
+    wait_until("600 more requests", || async {
+        (served(&apps).iter().sum::<u64>() >= before.iter().sum::<u64>() + 600).then_some(())
+    })
+    .await;
+    let after = served(&apps);
+    let window: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+    let total: u64 = window.iter().sum();
+    eprintln!("share while backend-1 is slow: {window:?}");
+    assert!(window[0] * 10 < total, "the slow backend still got {window:?}");
+
+    let report = run.await.unwrap();
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+}
