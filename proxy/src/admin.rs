@@ -20,6 +20,7 @@ use wary_proto::discovery::InboundPolicy;
 
 use wary_certs::credentials::Credentials;
 
+use crate::balance::Balancers;
 use crate::state::{Cache, DiscoveryState};
 
 /// What the admin pages read.
@@ -34,6 +35,8 @@ pub struct Admin {
     pub subscriptions: Vec<(&'static str, Vec<String>)>,
     /// The workload certificate and trust bundle.
     pub creds: Arc<Credentials>,
+    /// Per-endpoint load, for `/config_dump`.
+    pub balancers: Arc<Balancers>,
 }
 
 impl Admin {
@@ -88,6 +91,7 @@ impl Admin {
             "/config_dump" => {
                 let mut dump = config_dump(&self.cache.load());
                 dump["certificate"] = certificate_dump(&self.creds);
+                dump["load"] = load_dump(&self.balancers);
                 let body = serde_json::to_vec_pretty(&dump).unwrap_or_default();
                 let mut r = Response::new(Full::new(Bytes::from(body)));
                 r.headers_mut().insert(
@@ -194,6 +198,28 @@ pub fn config_dump(state: &DiscoveryState) -> Value {
         "endpoints": endpoints,
         "inbound_policies": inbound,
     })
+}
+
+/// Each endpoint's Peak-EWMA RTT (ms) and requests in flight, by service.
+pub fn load_dump(balancers: &Balancers) -> Value {
+    let mut services: Vec<_> = balancers.snapshot().into_iter().collect();
+    services.sort_by(|a, b| a.0.cmp(&b.0));
+    Value::Array(
+        services
+            .into_iter()
+            .map(|(service, mut endpoints)| {
+                endpoints.sort_by_key(|e| e.0);
+                json!({
+                    "service": service,
+                    "endpoints": endpoints.iter().map(|(addr, rtt, in_flight)| json!({
+                        "address": addr.to_string(),
+                        "ewma_ms": (rtt * 1e6).round() / 1e3,
+                        "in_flight": in_flight,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )
 }
 
 /// The certificate's subject and validity, and the trust anchors' count — never a key.

@@ -25,6 +25,8 @@ use std::time::Duration;
 use rand::Rng;
 use tokio::time::Instant;
 
+use crate::metrics as m;
+
 /// Peak-EWMA decay time constant when the policy sets none: 10 s (Linkerd).
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
 /// RTT assumed for an endpoint without samples: 30 ms (Linkerd).
@@ -62,20 +64,39 @@ impl Default for Settings {
     }
 }
 
-/// One endpoint's load statistics.
-#[derive(Debug)]
+/// One endpoint's load statistics, and its metric handles (registered once, so the
+/// request path only bumps numbers).
 pub struct EndpointLoad {
     /// The RTT estimate and when it was last touched.
     ewma: Mutex<(f64, Instant)>,
     in_flight: AtomicU32,
+    ewma_gauge: metrics::Gauge,
+    in_flight_gauge: metrics::Gauge,
+    requests: metrics::Counter,
+}
+
+impl std::fmt::Debug for EndpointLoad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EndpointLoad")
+            .field("ewma", &self.ewma)
+            .field("in_flight", &self.in_flight)
+            .finish_non_exhaustive()
+    }
 }
 
 impl EndpointLoad {
-    fn new(default_rtt: Duration) -> Self {
+    fn new(service: &str, addr: SocketAddr, default_rtt: Duration) -> Self {
         let seed = default_rtt.max(RTT_FLOOR).as_secs_f64();
+        // Labels are bounded: services and endpoints come from the mesh's configuration.
+        let labels = [("service", service.to_string()), ("endpoint", addr.to_string())];
+        let ewma_gauge = metrics::gauge!(m::ENDPOINT_EWMA, &labels);
+        ewma_gauge.set(seed);
         Self {
             ewma: Mutex::new((seed, Instant::now())),
             in_flight: AtomicU32::new(0),
+            ewma_gauge,
+            in_flight_gauge: metrics::gauge!(m::ENDPOINT_IN_FLIGHT, &labels),
+            requests: metrics::counter!(m::ENDPOINT_REQUESTS, &labels),
         }
     }
 
@@ -114,6 +135,7 @@ impl EndpointLoad {
             g.0 = g.0 * w + sample * (1.0 - w);
         }
         g.1 = now;
+        self.ewma_gauge.set(g.0);
     }
 }
 
@@ -140,13 +162,15 @@ impl Pick {
 
 impl Drop for Pick {
     fn drop(&mut self) {
-        self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
+        let now = self.load.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
+        self.load.in_flight_gauge.set(f64::from(now));
     }
 }
 
 /// The balancer of one service: load statistics by endpoint address.
 #[derive(Debug, Default)]
 pub struct Balancer {
+    service: String,
     loads: Mutex<HashMap<SocketAddr, Arc<EndpointLoad>>>,
     next: AtomicUsize,
 }
@@ -170,7 +194,9 @@ impl Balancer {
             }
         };
         let load = self.load(endpoints[index], settings);
-        load.in_flight.fetch_add(1, Ordering::Relaxed);
+        let now = load.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
+        load.in_flight_gauge.set(f64::from(now));
+        load.requests.increment(1);
         Some(Pick {
             index,
             load,
@@ -185,7 +211,7 @@ impl Balancer {
         let mut loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
         loads
             .entry(addr)
-            .or_insert_with(|| Arc::new(EndpointLoad::new(settings.default_rtt)))
+            .or_insert_with(|| Arc::new(EndpointLoad::new(&self.service, addr, settings.default_rtt)))
             .clone()
     }
 
@@ -220,7 +246,34 @@ impl Balancers {
         if let Some(b) = services.get(service) {
             return b.clone();
         }
-        services.entry(service.to_string()).or_default().clone()
+        let balancer = Arc::new(Balancer {
+            service: service.to_string(),
+            ..Balancer::default()
+        });
+        services.insert(service.to_string(), balancer.clone());
+        balancer
+    }
+
+    /// Drops the statistics of services and endpoints that discovery no longer has:
+    /// `current` maps each service to its endpoint addresses.
+    pub fn prune(&self, current: &HashMap<String, Vec<SocketAddr>>) {
+        let mut services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        services.retain(|name, b| match current.get(name) {
+            Some(addrs) => {
+                b.retain(addrs);
+                true
+            }
+            None => false,
+        });
+    }
+
+    /// Every endpoint's RTT estimate (s) and in-flight count, by service then address.
+    pub fn snapshot(&self) -> HashMap<String, Vec<(SocketAddr, f64, u32)>> {
+        let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
+        services
+            .iter()
+            .map(|(name, b)| (name.clone(), b.snapshot(&Settings::default())))
+            .collect()
     }
 }
 

@@ -160,6 +160,14 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_millis(args.connect_timeout_ms),
     ));
     let outbound = Arc::new(Outbound::new(cache.clone(), pool, namespace));
+    let admin = Admin {
+        prometheus,
+        cache: cache.clone(),
+        subscriptions: config.subscriptions(),
+        creds: creds.clone(),
+        balancers: outbound.balancers(),
+    };
+    tokio::spawn(admin.serve(admin_listener));
     tokio::spawn(outbound.serve(outbound_listener));
     let inbound = Arc::new(Inbound::new(inbound_addr.ip()));
     let inbound_tls = wary_certs::tls::server_config(
@@ -168,13 +176,6 @@ async fn main() -> anyhow::Result<()> {
         &[wary_certs::tls::ALPN_H2],
     );
     tokio::spawn(inbound.serve(inbound_listener, inbound_tls));
-    let admin = Admin {
-        prometheus,
-        cache: cache.clone(),
-        subscriptions: config.subscriptions(),
-        creds: creds.clone(),
-    };
-    tokio::spawn(admin.serve(admin_listener));
 
     // Discovery starts once the proxy holds its mesh certificate, and presents it.
     let (certified_tx, certified) = tokio::sync::oneshot::channel();

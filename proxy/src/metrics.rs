@@ -25,6 +25,13 @@ pub const TLS_HANDSHAKES: &str = "wary_proxy_tls_handshakes_total";
 /// configuration, `passthrough` outside the mesh, `local` inbound): requests proxied.
 pub const REQUESTS: &str = "wary_proxy_requests_total";
 
+/// Gauge, by `service` and `endpoint`: the Peak-EWMA RTT estimate, seconds.
+pub const ENDPOINT_EWMA: &str = "wary_proxy_endpoint_ewma_seconds";
+/// Gauge, by `service` and `endpoint`: requests in flight.
+pub const ENDPOINT_IN_FLIGHT: &str = "wary_proxy_endpoint_in_flight";
+/// Counter, by `service` and `endpoint`: requests sent to the endpoint.
+pub const ENDPOINT_REQUESTS: &str = "wary_proxy_endpoint_requests_total";
+
 /// Registers the help text and unit of every metric.
 pub fn describe() {
     describe_gauge!(

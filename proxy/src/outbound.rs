@@ -43,20 +43,27 @@ pub struct Outbound {
     pool: Arc<PeerPool>,
     namespace: String,
     passthrough: Client<HttpConnector, Body>,
-    balancers: Balancers,
+    balancers: Arc<Balancers>,
 }
 
 impl Outbound {
     /// Routes with the discovery state in `cache`, for a client in `namespace`, over
     /// connections from `pool`.
     pub fn new(cache: Arc<Cache>, pool: Arc<PeerPool>, namespace: String) -> Self {
+        let balancers = Arc::new(Balancers::default());
+        tokio::spawn(prune_balancers(cache.clone(), balancers.clone()));
         Self {
             cache,
             pool,
             namespace,
             passthrough: Client::builder(TokioExecutor::new()).build_http(),
-            balancers: Balancers::default(),
+            balancers,
         }
+    }
+
+    /// The balancers, for admin pages.
+    pub fn balancers(&self) -> Arc<Balancers> {
+        self.balancers.clone()
     }
 
     /// Serves the app's connections on `listener` (HTTP/1.1, or HTTP/2 with prior
@@ -239,6 +246,29 @@ impl Outbound {
                 format!("{target}: {}", crate::control::causes(&e)),
             ),
         }
+    }
+}
+
+/// After every discovery update, forgets balancer statistics of endpoints that are gone,
+/// so the proxy's memory follows the mesh's size.
+async fn prune_balancers(cache: Arc<Cache>, balancers: Arc<Balancers>) {
+    let mut changed = cache.subscribe();
+    while changed.changed().await.is_ok() {
+        let state = cache.load();
+        let current = state
+            .endpoints
+            .items
+            .iter()
+            .map(|(name, e)| {
+                let addrs = e
+                    .endpoints
+                    .iter()
+                    .filter_map(|e| Some(SocketAddr::new(e.address.parse().ok()?, u16::try_from(e.port).ok()?)))
+                    .collect();
+                (name.clone(), addrs)
+            })
+            .collect();
+        balancers.prune(&current);
     }
 }
 

@@ -85,6 +85,20 @@ async fn a_slowed_backend_loses_its_traffic_to_the_fast_ones() {
     eprintln!("share while backend-1 is slow: {window:?}");
     assert!(window[0] * 10 < total, "the slow backend still got {window:?}");
 
+    // The proxy shows why: the slow endpoint's Peak-EWMA RTT, in /config_dump and metrics.
+    let dump = web.config_dump().await;
+    let endpoints = dump["load"][0]["endpoints"].as_array().unwrap().clone();
+    assert_eq!(endpoints[0]["address"], "127.0.7.11:8080", "{dump}");
+    let ewma: Vec<f64> = endpoints.iter().map(|e| e["ewma_ms"].as_f64().unwrap()).collect();
+    // Unpicked, its estimate decays toward the others (so it is tried again later), but
+    // it is still well above them.
+    assert!(ewma[0] > 2.0 * ewma[1].max(ewma[2]), "{ewma:?}");
+    let metrics = web.admin_get("/metrics").await;
+    assert!(
+        metrics.contains("wary_proxy_endpoint_ewma_seconds{service=\"backend.default\",endpoint=\"127.0.7.11:8080\"}"),
+        "{metrics}"
+    );
+
     let report = run.await.unwrap();
     assert_eq!(report.failed, 0, "{:?}", report.failures);
 }
