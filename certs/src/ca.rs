@@ -35,20 +35,29 @@ pub enum CaError {
     #[error("invalid certificate signing request: {0}")]
     Csr(rcgen::Error),
     /// The CA's own certificate or key is unusable.
-    #[error("invalid CA material: {0}; create a new one with `wary-control-plane ca create`")]
+    #[error("invalid CA material: {0}; create a new one with `wary-control-plane ca init --ca-dir <empty dir>`")]
     Material(String),
     /// Signing failed.
     #[error("cannot sign: {0}")]
     Sign(rcgen::Error),
 }
 
-/// A trust anchor (self-signed root) and its private key, both PEM.
-#[derive(Debug, Clone)]
+/// A trust anchor (self-signed root) and its private key, both PEM. Its `Debug` never
+/// shows the key.
+#[derive(Clone)]
 pub struct AnchorPem {
     /// The root certificate, PEM.
     pub cert: String,
     /// Its PKCS#8 private key, PEM. Keep it secret (file mode 0600).
     pub key: String,
+}
+
+impl std::fmt::Debug for AnchorPem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AnchorPem")
+            .field("cert", &self.cert)
+            .finish_non_exhaustive()
+    }
 }
 
 /// The signing half of the mesh CA.
@@ -106,6 +115,15 @@ impl MeshCa {
         let certificate = crate::certificates_from_pem(cert_pem)
             .map_err(|e| CaError::Material(format!("CA certificate: {e}")))?
             .swap_remove(0);
+        // A certificate and key from two different anchors (a rotation caught half-way)
+        // must not sign anything.
+        let (_, x509) = x509_parser::parse_x509_certificate(&certificate)
+            .map_err(|e| CaError::Material(format!("CA certificate does not parse: {e}")))?;
+        if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(CaError::Material(
+                "the CA key does not belong to the CA certificate".into(),
+            ));
+        }
         let issuer = Issuer::from_ca_cert_der(&certificate, key)
             .map_err(|e| CaError::Material(format!("CA certificate: {e}")))?;
         Ok(Self { issuer, certificate })
@@ -158,12 +176,26 @@ impl MeshCa {
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
         params.use_authority_key_identifier_extension = true;
+        // Random serials (RFC 5280 §4.1.2.2 wants them unique per issuer; rcgen's default
+        // derives them from the key, which repeats if a key is reused).
+        params.serial_number = Some(rcgen::SerialNumber::from_slice(&random_serial()));
         params.not_before = not_before;
         params.not_after = not_after;
         // Only the requested public key survives from the CSR.
         request.params = params;
         Ok(request.signed_by(&self.issuer).map_err(CaError::Sign)?.der().clone())
     }
+}
+
+/// 16 random bytes with the top bit clear (a positive INTEGER).
+fn random_serial() -> [u8; 16] {
+    let mut serial = [0u8; 16];
+    rustls::crypto::ring::default_provider()
+        .secure_random
+        .fill(&mut serial)
+        .expect("the system RNG is available");
+    serial[0] &= 0x7f;
+    serial
 }
 
 #[cfg(test)]

@@ -168,8 +168,15 @@ pub struct Credentials {
     pub(crate) provider: Arc<CryptoProvider>,
     pub(crate) certified: ArcSwapOption<CertifiedKey>,
     info: ArcSwapOption<CertificateInfo>,
-    bundle: ArcSwap<TrustBundle>,
-    pub(crate) verifiers: ArcSwap<Verifiers>,
+    /// The bundle and the verifiers built from it, swapped together.
+    pub(crate) trust: ArcSwap<Trust>,
+}
+
+/// A trust bundle and its verifiers.
+#[derive(Debug)]
+pub(crate) struct Trust {
+    pub(crate) bundle: TrustBundle,
+    pub(crate) verifiers: Verifiers,
 }
 
 impl Credentials {
@@ -184,8 +191,7 @@ impl Credentials {
             provider,
             certified: ArcSwapOption::empty(),
             info: ArcSwapOption::empty(),
-            bundle: ArcSwap::from_pointee(bundle),
-            verifiers: ArcSwap::from_pointee(verifiers),
+            trust: ArcSwap::from_pointee(Trust { bundle, verifiers }),
         }))
     }
 
@@ -211,8 +217,9 @@ impl Credentials {
             return Err(refused(format!("it names {}, expected {expected}", info.identity)));
         }
         let now = UnixTime::now();
-        self.verifiers
+        self.trust
             .load()
+            .verifiers
             .client_required
             .verify_client_cert(leaf, &chain[1..], now)
             .map_err(|e| refused(format!("{e}")))?;
@@ -236,14 +243,13 @@ impl Credentials {
     /// [`CredentialError::Bundle`] if verifiers cannot be built; the old bundle stays.
     pub fn set_trust_bundle(&self, bundle: TrustBundle) -> Result<(), CredentialError> {
         let v = verifiers(&bundle, &self.provider)?;
-        self.verifiers.store(Arc::new(v));
-        self.bundle.store(Arc::new(bundle));
+        self.trust.store(Arc::new(Trust { bundle, verifiers: v }));
         Ok(())
     }
 
     /// The current trust bundle.
-    pub fn trust_bundle(&self) -> Arc<TrustBundle> {
-        self.bundle.load_full()
+    pub fn trust_bundle(&self) -> TrustBundle {
+        self.trust.load().bundle.clone()
     }
 
     /// What the current certificate says; `None` before the first.

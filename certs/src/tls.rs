@@ -48,6 +48,10 @@ pub fn server_config(creds: &Arc<Credentials>, auth: ClientAuth, alpn: &[&[u8]])
         }))
         .with_cert_resolver(Arc::new(Resolver(creds.clone())));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // No session resumption: a resumed session skips certificate verification, so a
+    // dropped anchor or an expired certificate would stay accepted for the ticket's life.
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
     Arc::new(config)
 }
 
@@ -61,6 +65,8 @@ pub fn client_config(creds: &Arc<Credentials>, alpn: &[&[u8]]) -> Arc<ClientConf
         .with_custom_certificate_verifier(Arc::new(ServerVerifier(creds.clone())))
         .with_client_cert_resolver(Arc::new(Resolver(creds.clone())));
     config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    // See `server_config`: every handshake is verified in full.
+    config.resumption = rustls::client::Resumption::disabled();
     Arc::new(config)
 }
 
@@ -209,10 +215,10 @@ struct ClientVerifier {
 
 impl ClientVerifier {
     fn current(&self) -> Arc<dyn ClientCertVerifier> {
-        let v = self.creds.verifiers.load();
+        let t = self.creds.trust.load();
         match self.auth {
-            ClientAuth::Required => v.client_required.clone(),
-            ClientAuth::Optional => v.client_optional.clone(),
+            ClientAuth::Required => t.verifiers.client_required.clone(),
+            ClientAuth::Optional => t.verifiers.client_optional.clone(),
         }
     }
 }
@@ -276,11 +282,13 @@ impl ServerCertVerifier for ServerVerifier {
         ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        self.0
-            .verifiers
-            .load()
-            .server
-            .verify_server_cert(end_entity, intermediates, server_name, ocsp_response, now)
+        self.0.trust.load().verifiers.server.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        )
     }
 
     fn verify_tls12_signature(
@@ -290,8 +298,9 @@ impl ServerCertVerifier for ServerVerifier {
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.0
-            .verifiers
+            .trust
             .load()
+            .verifiers
             .server
             .verify_tls12_signature(message, cert, dss)
     }
@@ -303,13 +312,14 @@ impl ServerCertVerifier for ServerVerifier {
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.0
-            .verifiers
+            .trust
             .load()
+            .verifiers
             .server
             .verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.0.verifiers.load().server.supported_verify_schemes()
+        self.0.trust.load().verifiers.server.supported_verify_schemes()
     }
 }

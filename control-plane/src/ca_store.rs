@@ -18,6 +18,7 @@
 //! The control plane re-reads the directory when these files change ([`CaStore::current`]
 //! compares modification times), so the steps need no restart.
 
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -26,8 +27,7 @@ use wary_certs::ca::{DEFAULT_ANCHOR_LIFETIME, MeshCa};
 use wary_certs::credentials::TrustBundle;
 use wary_certs::{TrustDomain, certificates_from_pem, certificates_to_pem};
 
-/// The CA material in force.
-#[derive(Debug)]
+/// The CA material in force. Its `Debug` never shows the keys.
 pub struct CaMaterial {
     /// Signs workload certificates.
     pub issuer: MeshCa,
@@ -35,6 +35,14 @@ pub struct CaMaterial {
     pub bundle: TrustBundle,
     /// Signs join tokens.
     pub token_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for CaMaterial {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaMaterial")
+            .field("anchors", &self.bundle.anchors().len())
+            .finish_non_exhaustive()
+    }
 }
 
 /// Why the CA directory is unusable.
@@ -79,10 +87,14 @@ impl CaStore {
     /// # Errors
     /// [`CaStoreError`] when the directory cannot be created or its files are unusable.
     pub fn open_or_create(dir: &Path, trust_domain: &TrustDomain) -> Result<Self, CaStoreError> {
-        std::fs::create_dir_all(dir).map_err(|source| CaStoreError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| CaStoreError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         if !dir.join("issuer.pem").exists() {
             let anchor = MeshCa::create_anchor(trust_domain, DEFAULT_ANCHOR_LIFETIME).map_err(|e| invalid(dir, e))?;
             write(&dir.join("issuer-key.pem"), &anchor.key, true)?;
@@ -122,7 +134,18 @@ impl CaStore {
         {
             return Ok(material.clone());
         }
-        let material = Arc::new(load(&self.dir)?);
+        let material = match load(&self.dir) {
+            Ok(m) => Arc::new(m),
+            // Mid-rotation (files renamed one by one) or a bad edit: keep signing with what
+            // was in force, and try again on the next call.
+            Err(e) => match cached.as_ref() {
+                Some((_, previous)) => {
+                    tracing::warn!("the CA directory is unusable right now ({e}); keeping the previous CA");
+                    return Ok(previous.clone());
+                }
+                None => return Err(e),
+            },
+        };
         if cached.is_some() {
             tracing::info!(dir = %self.dir.display(), anchors = material.bundle.anchors().len(), "reloaded the CA directory");
         }
@@ -240,10 +263,11 @@ fn write(path: &Path, text: &str, secret: bool) -> Result<(), CaStoreError> {
         source,
     };
     let tmp = path.with_extension("tmp");
+    // A fresh file, never one left behind (whose mode or link target we did not choose).
+    let _ = std::fs::remove_file(&tmp);
     let mut f = std::fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(if secret { 0o600 } else { 0o644 })
         .open(&tmp)
         .map_err(io)?;

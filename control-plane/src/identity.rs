@@ -53,13 +53,22 @@ pub struct WorkloadRef {
     pub name: String,
 }
 
-/// A proof of who a workload is.
-#[derive(Debug, Clone)]
+/// A proof of who a workload is. Its `Debug` never shows the token.
+#[derive(Clone)]
 pub enum Proof {
     /// A join token minted by this control plane.
     JoinToken(String),
     /// A Kubernetes service-account token.
     ServiceAccountToken(String),
+}
+
+impl std::fmt::Debug for Proof {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Proof::JoinToken(_) => "JoinToken(..)",
+            Proof::ServiceAccountToken(_) => "ServiceAccountToken(..)",
+        })
+    }
 }
 
 /// Checks proofs. Pluggable, so a cluster can check Kubernetes service-account tokens
@@ -114,6 +123,28 @@ impl IdentityService {
         }
     }
 
+    /// Refuses to renew an identity no configured workload runs as any more (a deleted
+    /// workload, a changed service account): its certificate lapses instead.
+    fn still_configured(&self, id: &SpiffeId) -> Result<(), Status> {
+        let snapshot = self.snapshots.borrow().clone();
+        let wanted = id.to_string();
+        let configured = snapshot.get(InboundPolicy::TYPE_URL).is_some_and(|t| {
+            t.resources.values().any(|r| {
+                r.resource
+                    .as_ref()
+                    .and_then(|any| InboundPolicy::from_any(any).ok())
+                    .is_some_and(|p| p.identity == wanted)
+            })
+        });
+        if configured {
+            Ok(())
+        } else {
+            Err(Status::permission_denied(format!(
+                "no configured workload runs as {wanted} any more: renewal refused"
+            )))
+        }
+    }
+
     /// The identity configured for a workload: its InboundPolicy carries it.
     fn identity_of(&self, w: &WorkloadRef) -> Result<SpiffeId, Status> {
         let snapshot = self.snapshots.borrow().clone();
@@ -129,10 +160,16 @@ impl IdentityService {
                     w.namespace, w.name
                 ))
             })?;
-        policy
+        let id: SpiffeId = policy
             .identity
             .parse()
-            .map_err(|e| Status::internal(format!("workload {name}: {e}")))
+            .map_err(|e| Status::internal(format!("workload {name}: {e}")))?;
+        if id.namespace() == CONTROL_PLANE_NAMESPACE && id.service_account() == CONTROL_PLANE_SERVICE_ACCOUNT {
+            return Err(Status::permission_denied(format!(
+                "{id} is the control plane's own identity and is never issued to a workload"
+            )));
+        }
+        Ok(id)
     }
 }
 
@@ -171,9 +208,14 @@ impl IdentityService {
                 let w = self.verifier.verify(&Proof::ServiceAccountToken(t)).await?;
                 self.identity_of(&w)?
             }
-            // Renewal: the handshake already verified this certificate against the bundle.
+            // Renewal: the handshake already verified this certificate against the bundle;
+            // the identity must still belong to a configured workload.
             None => match peer_cert {
-                Some(cert) => peer_identity(&cert).map_err(|e| Status::unauthenticated(e.to_string()))?,
+                Some(cert) => {
+                    let id = peer_identity(&cert).map_err(|e| Status::unauthenticated(e.to_string()))?;
+                    self.still_configured(&id)?;
+                    id
+                }
                 None => {
                     return Err(Status::unauthenticated(
                         "no proof: send a join token, or present your mesh certificate to renew it",
@@ -192,7 +234,10 @@ impl IdentityService {
         let cert = material
             .issuer
             .sign(&req.csr, &granted, lifetime)
-            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            .map_err(|e| match e {
+                wary_certs::ca::CaError::Csr(_) => Status::invalid_argument(e.to_string()),
+                _ => Status::internal(e.to_string()),
+            })?;
         let not_after = SystemTime::now() + lifetime;
         tracing::info!(identity = %granted, lifetime_s = lifetime.as_secs(), "issued a workload certificate");
         Ok(Response::new(CertifyResponse {

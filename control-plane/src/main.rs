@@ -114,6 +114,8 @@ fn operator(command: Command) -> anyhow::Result<()> {
             ca_dir,
         } => {
             let ttl = wary_control_plane::duration::Duration::parse(&ttl).map_err(anyhow::Error::msg)?;
+            wary_certs::check_label("workload", &workload)?;
+            wary_certs::check_label("namespace", &namespace)?;
             let dir = ca_dir.unwrap_or_else(default_ca_dir);
             let store = CaStore::open_or_create(&dir, &TrustDomain::default())?;
             let material = store.current()?;

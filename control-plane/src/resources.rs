@@ -76,6 +76,20 @@ pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<Co
         }
     }
 
+    for (d, w) in &workloads {
+        if d.namespace == crate::identity::CONTROL_PLANE_NAMESPACE
+            && w.service_account == crate::identity::CONTROL_PLANE_SERVICE_ACCOUNT
+        {
+            errors.push(ConfigError {
+                file: d.origin.file.clone(),
+                line: d.origin.line,
+                reason: format!(
+                    "Workload {}: service account {}/{} is reserved for the control plane: use another",
+                    d.name, d.namespace, w.service_account
+                ),
+            });
+        }
+    }
     let mut bound: BTreeMap<(std::net::IpAddr, u16), &Origin> = BTreeMap::new();
     for (d, w) in &workloads {
         let ports = w

@@ -113,8 +113,15 @@ impl Admin {
     pub fn missing(&self) -> Vec<String> {
         let state = self.cache.load();
         let mut missing = Vec::new();
-        if self.creds.certificate().is_none() {
-            missing.push("waiting for a workload certificate from the control plane (see this proxy's log)".into());
+        match self.creds.certificate() {
+            None => {
+                missing.push("waiting for a workload certificate from the control plane (see this proxy's log)".into())
+            }
+            Some(c) if c.not_after <= std::time::SystemTime::now() => missing.push(format!(
+                "the workload certificate for {} has expired and renewal keeps failing (see this proxy's log)",
+                c.identity
+            )),
+            Some(_) => {}
         }
         for (type_url, names) in &self.subscriptions {
             let kind = wary_proto::kind_of(type_url);

@@ -46,11 +46,12 @@ pub enum Algorithm {
 /// Balancer settings for one service.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Settings {
-    /// The algorithm.
+    /// The algorithm; default [`Algorithm::Ewma`].
     pub algorithm: Algorithm,
-    /// Peak-EWMA decay time constant.
+    /// Peak-EWMA decay time constant; default [`DEFAULT_DECAY`] (10 s).
     pub decay: Duration,
-    /// The RTT of an endpoint without samples (floored at [`RTT_FLOOR`]).
+    /// The RTT of an endpoint without samples; default [`DEFAULT_RTT`] (30 ms), floored
+    /// at [`RTT_FLOOR`] (1 ms).
     pub default_rtt: Duration,
 }
 
@@ -100,7 +101,8 @@ impl EndpointLoad {
         }
     }
 
-    /// The estimate now, after decay since the last touch, in seconds.
+    /// The estimate now, after decay since the last touch, in seconds. Applies (and so
+    /// records) that decay.
     pub fn rtt(&self, decay: Duration) -> f64 {
         let mut g = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
@@ -176,7 +178,7 @@ pub struct Balancer {
 }
 
 impl Balancer {
-    /// Chooses among `endpoints` (non-empty) with `settings`; `None` when empty.
+    /// Chooses among `endpoints` with `settings`; `None` when there are none.
     pub fn pick(&self, endpoints: &[SocketAddr], settings: &Settings) -> Option<Pick> {
         let index = match (endpoints.len(), settings.algorithm) {
             (0, _) => return None,
@@ -223,12 +225,13 @@ impl Balancer {
             .retain(|a, _| current.contains(a));
     }
 
-    /// Every endpoint's (address, RTT estimate in seconds, in flight), for admin pages.
-    pub fn snapshot(&self, settings: &Settings) -> Vec<(SocketAddr, f64, u32)> {
+    /// Every endpoint's (address, last RTT estimate in seconds, in flight), for admin
+    /// pages. Reading does not decay or otherwise change the estimates.
+    pub fn snapshot(&self) -> Vec<(SocketAddr, f64, u32)> {
         let loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
         loads
             .iter()
-            .map(|(a, l)| (*a, l.rtt(settings.decay), l.in_flight()))
+            .map(|(a, l)| (*a, l.ewma.lock().unwrap_or_else(|e| e.into_inner()).0, l.in_flight()))
             .collect()
     }
 }
@@ -270,10 +273,7 @@ impl Balancers {
     /// Every endpoint's RTT estimate (s) and in-flight count, by service then address.
     pub fn snapshot(&self) -> HashMap<String, Vec<(SocketAddr, f64, u32)>> {
         let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
-        services
-            .iter()
-            .map(|(name, b)| (name.clone(), b.snapshot(&Settings::default())))
-            .collect()
+        services.iter().map(|(name, b)| (name.clone(), b.snapshot())).collect()
     }
 }
 

@@ -26,13 +26,22 @@ use crate::control::ControlPlane;
 use crate::discovery::Backoff;
 use crate::metrics as m;
 
-/// Where the proof of identity comes from.
-#[derive(Clone, Debug)]
+/// Where the proof of identity comes from. Its `Debug` never shows the token.
+#[derive(Clone)]
 pub enum TokenSource {
     /// A join token given directly.
     Inline(String),
     /// A file holding the token, re-read at every request (so a rotated token is used).
     File(std::path::PathBuf),
+}
+
+impl std::fmt::Debug for TokenSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            TokenSource::Inline(_) => f.write_str("Inline(..)"),
+            TokenSource::File(p) => f.debug_tuple("File").field(p).finish(),
+        }
+    }
 }
 
 impl TokenSource {
@@ -96,7 +105,13 @@ pub async fn certify(config: &IdentityConfig, creds: &Arc<Credentials>) -> Resul
             proof,
         })
         .await
-        .map_err(|s| format!("the control plane refused a certificate: {}", s.message()))?
+        .map_err(|s| {
+            format!(
+                "the control plane refused a certificate ({:?}): {}",
+                s.code(),
+                s.message()
+            )
+        })?
         .into_inner();
     let anchors = response.trust_anchors.into_iter().map(CertificateDer::from).collect();
     let bundle = TrustBundle::new(anchors).map_err(|e| format!("the control plane sent an unusable bundle: {e}"))?;

@@ -29,6 +29,7 @@ use wary_certs::tls::{HandshakeFailure, peer_identity};
 
 use crate::http::{self as h, Body, error_response};
 use crate::metrics as m;
+use crate::state::Cache;
 
 /// The longest a peer may take to complete its TLS handshake: 10 s.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -36,18 +37,57 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// The inbound proxy.
 pub struct Inbound {
     app_ip: IpAddr,
+    cache: Arc<Cache>,
+    policy: String,
+    reserved: Vec<u16>,
     http1: Client<HttpConnector, Body>,
     http2: Client<HttpConnector, Body>,
 }
 
 impl Inbound {
-    /// Forwards to the app at `app_ip` (the workload's address).
-    pub fn new(app_ip: IpAddr) -> Self {
+    /// Forwards to the app at `app_ip` (the workload's address), only on the ports the
+    /// workload's inbound policy `policy` (`<workload>.<namespace>`) declares, and never
+    /// on the proxy's own `reserved` ports (its outbound and admin listeners: a peer
+    /// reaching those would act with this workload's identity).
+    pub fn new(app_ip: IpAddr, cache: Arc<Cache>, policy: String, reserved: Vec<u16>) -> Self {
         Self {
             app_ip,
+            cache,
+            policy,
+            reserved,
             http1: Client::builder(TokioExecutor::new()).build_http(),
             http2: Client::builder(TokioExecutor::new()).http2_only(true).build_http(),
         }
+    }
+
+    /// Whether a peer may reach `port`: an error response when not.
+    fn check_port(&self, port: u16) -> Result<(), Response<Body>> {
+        if self.reserved.contains(&port) {
+            return Err(error_response(
+                StatusCode::FORBIDDEN,
+                "port-forbidden",
+                format!("port {port} is the proxy's own, not the app's"),
+            ));
+        }
+        let state = self.cache.load();
+        let Some(policy) = state.inbound.items.get(&self.policy) else {
+            return Err(error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "no-inbound-policy",
+                format!("this proxy has no inbound policy for {} yet", self.policy),
+            ));
+        };
+        if !policy.ports.iter().any(|p| p.port == u32::from(port)) {
+            return Err(error_response(
+                StatusCode::FORBIDDEN,
+                "port-forbidden",
+                format!(
+                    "{} serves no port {port}: declare it in the Workload's ports",
+                    self.policy
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Serves mTLS connections on `listener` with `tls` until the process ends.
@@ -125,6 +165,9 @@ impl Inbound {
                 "not a mesh request: the wary-dst-port header is missing".into(),
             );
         };
+        if let Err(refused) = self.check_port(port) {
+            return refused;
+        }
         let http2 = parts.headers.get(h::ORIG_PROTO).is_some_and(|v| v == "h2");
         h::strip_hop_by_hop(&mut parts.headers);
         h::strip_mesh_headers(&mut parts.headers);

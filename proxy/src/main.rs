@@ -132,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
     };
     let namespace = node.namespace.clone();
+    let (workload_name, workload_namespace) = (node.workload.clone(), node.namespace.clone());
     let config = discovery::DiscoveryConfig::new(control_plane.clone(), creds.clone(), node);
     let cache = Arc::new(Cache::default());
 
@@ -169,7 +170,9 @@ async fn main() -> anyhow::Result<()> {
     };
     tokio::spawn(admin.serve(admin_listener));
     tokio::spawn(outbound.serve(outbound_listener));
-    let inbound = Arc::new(Inbound::new(inbound_addr.ip()));
+    let reserved = vec![admin_addr.port(), outbound_addr.port(), inbound_addr.port()];
+    let policy_name = format!("{}.{}", workload_name, workload_namespace);
+    let inbound = Arc::new(Inbound::new(inbound_addr.ip(), cache.clone(), policy_name, reserved));
     let inbound_tls = wary_certs::tls::server_config(
         &creds,
         wary_certs::tls::ClientAuth::Required,

@@ -199,7 +199,11 @@ impl Outbound {
                 hold_until_body_ends(h::relay(response), pick)
             }
             Err(e) => {
-                self.pool.evict(peer, identity);
+                // One failed stream (a reset, an aborted upload) is no reason to drop a
+                // multiplexed connection; a closed one is.
+                if sender.is_closed() {
+                    self.pool.evict(peer, identity);
+                }
                 error_response(
                     StatusCode::BAD_GATEWAY,
                     "peer-failed",

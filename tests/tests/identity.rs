@@ -171,3 +171,45 @@ async fn a_proxy_renews_and_follows_a_root_rotation() {
     .await;
     assert_eq!(proxy.admin_get("/ready").await, "ok\n");
 }
+
+#[tokio::test]
+async fn the_control_plane_identity_is_never_a_workloads() {
+    let mesh = MeshDir::new();
+    mesh.write(
+        "evil.yaml",
+        "apiVersion: local.wary.io/v1alpha1
+kind: Workload
+metadata:
+  name: evil-1
+  namespace: wary-system
+spec:
+  serviceAccount: wary-control-plane
+  address: 127.0.2.9
+",
+    );
+    let cp = ControlPlane::start(&mesh).await;
+    cp.logs
+        .wait_for(&["evil.yaml:1:", "is reserved for the control plane"])
+        .await;
+    let ready = cp.admin_get("/ready").await;
+    assert!(ready.starts_with("HTTP 503"), "{ready}");
+}
+
+#[tokio::test]
+async fn a_deleted_workload_cannot_renew() {
+    let mesh = MeshDir::new();
+    mesh.write("mesh.yaml", MESH_CONFIG_10S);
+    mesh.write("web.yaml", &workload("web-1", "web", "127.0.2.4", 8080));
+    mesh.write("other.yaml", &workload("other-1", "other", "127.0.2.5", 8080));
+    let cp = ControlPlane::start(&mesh).await;
+    let proxy = Proxy::start(&cp, "web-1").await;
+    proxy.wait_ready().await;
+    mesh.remove("web.yaml");
+    proxy
+        .logs
+        .wait_for(&[
+            "certificate request failed",
+            "no configured workload runs as spiffe://cluster.local/ns/default/sa/web",
+        ])
+        .await;
+}

@@ -313,3 +313,43 @@ async fn rotations_under_steady_load_lose_no_request() {
     }
     let _ = &p.mesh;
 }
+
+/// A mesh peer with a valid certificate still reaches only the ports the workload
+/// declares: not the proxy's own listeners, not undeclared ports.
+#[tokio::test]
+async fn a_peer_reaches_only_the_ports_the_workload_declares() {
+    use http_body_util::{BodyExt, Empty};
+    use wary_proxy::identity::{IdentityConfig, TokenSource, certify};
+
+    let p = pair("127.0.8", "").await;
+    let creds = p.cp.bootstrap_credentials();
+    let token = p.cp.token("web-1").await;
+    certify(
+        &IdentityConfig::new(p.cp.control_plane(), TokenSource::Inline(token)),
+        &creds,
+    )
+    .await
+    .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(wary_certs::tls::client_config(&creds, &[ALPN_H2]));
+    let backend_id = server_name(&"spiffe://cluster.local/ns/default/sa/backend".parse().unwrap()).unwrap();
+    let tcp = tokio::net::TcpStream::connect(p.backend.inbound).await.unwrap();
+    let stream = tls.connect(backend_id, tcp).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(stream),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    for (port, want) in [(8080, 200), (p.backend.admin.port(), 403), (9999, 403)] {
+        let req = http::Request::get("http://backend.default:9090/")
+            .header("wary-dst-port", port.to_string())
+            .header("wary-orig-proto", "h1")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let response = sender.send_request(req).await.unwrap();
+        let status = response.status().as_u16();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(status, want, "port {port}: {}", String::from_utf8_lossy(&body));
+    }
+}
