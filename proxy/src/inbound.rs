@@ -60,10 +60,10 @@ impl Inbound {
         }
     }
 
-    /// Whether a peer may reach `port`: an error response when not.
-    fn check_port(&self, port: u16) -> Result<(), Response<Body>> {
+    /// Whether a peer may reach `port`: the refusal to send when not.
+    fn refuse_port(&self, port: u16) -> Option<Response<Body>> {
         if self.reserved.contains(&port) {
-            return Err(error_response(
+            return Some(error_response(
                 StatusCode::FORBIDDEN,
                 "port-forbidden",
                 format!("port {port} is the proxy's own, not the app's"),
@@ -71,14 +71,14 @@ impl Inbound {
         }
         let state = self.cache.load();
         let Some(policy) = state.inbound.items.get(&self.policy) else {
-            return Err(error_response(
+            return Some(error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no-inbound-policy",
                 format!("this proxy has no inbound policy for {} yet", self.policy),
             ));
         };
         if !policy.ports.iter().any(|p| p.port == u32::from(port)) {
-            return Err(error_response(
+            return Some(error_response(
                 StatusCode::FORBIDDEN,
                 "port-forbidden",
                 format!(
@@ -87,7 +87,7 @@ impl Inbound {
                 ),
             ));
         }
-        Ok(())
+        None
     }
 
     /// Serves mTLS connections on `listener` with `tls` until the process ends.
@@ -165,7 +165,7 @@ impl Inbound {
                 "not a mesh request: the wary-dst-port header is missing".into(),
             );
         };
-        if let Err(refused) = self.check_port(port) {
+        if let Some(refused) = self.refuse_port(port) {
             return refused;
         }
         let http2 = parts.headers.get(h::ORIG_PROTO).is_some_and(|v| v == "h2");
