@@ -14,6 +14,9 @@ use wary_certs::tls::HandshakeFailure;
 
 use crate::metrics as m;
 
+/// The most TLS handshakes in progress at once: 1024.
+pub const MAX_HANDSHAKES: usize = 1024;
+
 /// The longest a client may take to complete its TLS handshake: 10 s.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -24,6 +27,7 @@ pub fn incoming(
 ) -> ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>> {
     let (tx, rx) = mpsc::channel(64);
     let acceptor = TlsAcceptor::from(config);
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     tokio::spawn(async move {
         loop {
             let (tcp, peer) = match listener.accept().await {
@@ -35,10 +39,18 @@ pub fn incoming(
                     continue;
                 }
             };
+            // A flood of connections that never finish their handshake holds at most
+            // MAX_HANDSHAKES tasks; beyond that, new ones are closed at once.
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "reason" => "overloaded").increment(1);
+                continue;
+            };
             let (acceptor, tx) = (acceptor.clone(), tx.clone());
             tokio::spawn(async move {
                 let _ = tcp.set_nodelay(true);
-                match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                match handshake {
                     Ok(Ok(tls)) => {
                         let _ = tx.send(Ok(tls)).await;
                     }

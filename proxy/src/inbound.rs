@@ -31,6 +31,9 @@ use crate::http::{self as h, Body, error_response};
 use crate::metrics as m;
 use crate::state::Cache;
 
+/// The most TLS handshakes in progress at once: 1024.
+pub const MAX_HANDSHAKES: usize = 1024;
+
 /// The longest a peer may take to complete its TLS handshake: 10 s.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -93,6 +96,7 @@ impl Inbound {
     /// Serves mTLS connections on `listener` with `tls` until the process ends.
     pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
         let acceptor = TlsAcceptor::from(tls);
+        let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
         loop {
             let (tcp, peer) = match listener.accept().await {
                 Ok(c) => c,
@@ -103,9 +107,18 @@ impl Inbound {
                 }
             };
             let _ = tcp.set_nodelay(true);
+            // A flood of connections that never finish their handshake holds at most
+            // MAX_HANDSHAKES tasks; beyond that, new ones are closed at once.
+            let Ok(permit) = handshakes.clone().try_acquire_owned() else {
+                metrics::counter!(m::TLS_HANDSHAKE_FAILURES, "direction" => "inbound", "reason" => "overloaded")
+                    .increment(1);
+                continue;
+            };
             let (acceptor, inbound) = (acceptor.clone(), self.clone());
             tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                drop(permit);
+                let tls = match handshake {
                     Ok(Ok(tls)) => tls,
                     Ok(Err(e)) => {
                         let reason = HandshakeFailure::classify(&e);

@@ -51,12 +51,16 @@ impl Outbound {
     /// connections from `pool`.
     pub fn new(cache: Arc<Cache>, pool: Arc<PeerPool>, namespace: String) -> Self {
         let balancers = Arc::new(Balancers::default());
-        tokio::spawn(prune_balancers(cache.clone(), balancers.clone()));
+        tokio::spawn(prune(cache.clone(), balancers.clone(), pool.clone()));
+        let mut connector = HttpConnector::new();
+        // Linkerd's connect timeout, also outside the mesh.
+        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        connector.set_nodelay(true);
         Self {
             cache,
             pool,
             namespace,
-            passthrough: Client::builder(TokioExecutor::new()).build_http(),
+            passthrough: Client::builder(TokioExecutor::new()).build(connector),
             balancers,
         }
     }
@@ -253,12 +257,25 @@ impl Outbound {
     }
 }
 
-/// After every discovery update, forgets balancer statistics of endpoints that are gone,
-/// so the proxy's memory follows the mesh's size.
-async fn prune_balancers(cache: Arc<Cache>, balancers: Arc<Balancers>) {
+/// After every discovery update, forgets balancer statistics and pooled connections of
+/// endpoints that are gone, so the proxy's memory follows the mesh's size.
+async fn prune(cache: Arc<Cache>, balancers: Arc<Balancers>, pool: Arc<PeerPool>) {
     let mut changed = cache.subscribe();
     while changed.changed().await.is_ok() {
         let state = cache.load();
+        let peers = state
+            .endpoints
+            .items
+            .values()
+            .flat_map(|e| e.endpoints.iter())
+            .filter_map(|e| {
+                Some(SocketAddr::new(
+                    e.address.parse().ok()?,
+                    u16::try_from(e.mesh_port).ok()?,
+                ))
+            })
+            .collect();
+        pool.retain(&peers);
         let current = state
             .endpoints
             .items

@@ -98,6 +98,15 @@ impl PeerPool {
         Ok(sender)
     }
 
+    /// Closes and forgets connections to peers not in `current` (after a discovery
+    /// update), so the pool follows the mesh's size.
+    pub fn retain(&self, current: &std::collections::HashSet<SocketAddr>) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(addr, _), _| current.contains(addr));
+    }
+
     /// Forgets the connection to `addr` (after it failed), so the next request opens a
     /// new one.
     pub fn evict(&self, addr: SocketAddr, identity: &SpiffeId) {
