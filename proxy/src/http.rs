@@ -96,6 +96,27 @@ pub fn error_response(status: StatusCode, cause: &'static str, message: String) 
     response
 }
 
+/// An error the proxy generated for a gRPC call: HTTP 200 with `grpc-status` (a gRPC
+/// code, e.g. 7 PERMISSION_DENIED, 14 UNAVAILABLE) and `grpc-message`, as Linkerd does,
+/// plus the `wary-error` cause.
+pub fn grpc_error(code: u32, cause: &'static str, message: String) -> Response<Body> {
+    let mut response = Response::new(full(Bytes::new()));
+    let headers = response.headers_mut();
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
+    headers.insert("grpc-status", HeaderValue::from(code));
+    // grpc-message is percent-encoded (gRPC over HTTP/2 spec); keep it to safe bytes.
+    let safe: String = message
+        .chars()
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .collect::<String>()
+        .replace('%', "%25");
+    if let Ok(v) = HeaderValue::from_str(&safe) {
+        headers.insert("grpc-message", v);
+    }
+    headers.insert(ERROR, HeaderValue::from_static(cause));
+    response
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -27,6 +27,7 @@ use tokio_rustls::TlsAcceptor;
 use wary_certs::SpiffeId;
 use wary_certs::tls::{HandshakeFailure, peer_identity};
 
+use crate::authorize;
 use crate::http::{self as h, Body, error_response};
 use crate::metrics as m;
 use crate::state::Cache;
@@ -180,6 +181,39 @@ impl Inbound {
         };
         if let Some(refused) = self.refuse_port(port) {
             return refused;
+        }
+        let state = self.cache.load();
+        if let Some(policy) = state.inbound.items.get(&self.policy) {
+            let request = authorize::Request {
+                client: Some(client),
+                method: parts.method.as_str(),
+                path: parts.uri.path(),
+                port,
+            };
+            let decision = authorize::authorize(policy, &request);
+            let (verdict, label) = match &decision {
+                authorize::Decision::Allow(_) => ("allow", decision.policy_label()),
+                authorize::Decision::Deny(_) => ("deny", decision.policy_label()),
+            };
+            metrics::counter!(m::AUTHORIZATIONS, "decision" => verdict, "policy" => label.to_string()).increment(1);
+            if let authorize::Decision::Deny(by) = decision {
+                let grpc = parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+                let message = format!(
+                    "{client} may not {} {} on {}: denied by {by}",
+                    parts.method,
+                    parts.uri.path(),
+                    self.policy
+                );
+                tracing::debug!(%message, "denied");
+                return if grpc {
+                    h::grpc_error(7, "forbidden", message)
+                } else {
+                    error_response(StatusCode::FORBIDDEN, "forbidden", message)
+                };
+            }
         }
         let http2 = parts.headers.get(h::ORIG_PROTO).is_some_and(|v| v == "h2");
         h::strip_hop_by_hop(&mut parts.headers);

@@ -7,6 +7,7 @@
 //! * [`state`]: the last good resources, read lock-free by everything else.
 //! * [`outbound`]: the app's requests: destination, service, endpoint, and over
 //!   [`pool`] (HTTP/2 over mTLS) to the peer proxy.
+//! * [`authorize`]: AuthorizationPolicy evaluation (DENY wins; ALLOW must match).
 //! * [`inbound`]: mTLS from peers, the client's identity for the app, the app's own
 //!   protocol. [`http`] holds what both sides share.
 //! * [`admin`], [`metrics`]: what operators see.
@@ -18,6 +19,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admin;
+pub mod authorize;
 pub mod balance;
 pub mod control;
 pub mod discovery;

@@ -32,6 +32,11 @@ pub const ENDPOINT_IN_FLIGHT: &str = "wary_proxy_endpoint_in_flight";
 /// Counter, by `service` and `endpoint`: requests sent to the endpoint.
 pub const ENDPOINT_REQUESTS: &str = "wary_proxy_endpoint_requests_total";
 
+/// Counter, by `decision` (`allow`, `deny`) and `policy` (the deciding
+/// AuthorizationPolicy's `<name>.<namespace>`, or `default`): inbound requests
+/// authorized.
+pub const AUTHORIZATIONS: &str = "wary_proxy_inbound_authorizations_total";
+
 /// Registers the help text and unit of every metric.
 pub fn describe() {
     describe_gauge!(

@@ -1,0 +1,230 @@
+//! Inbound authorization: may this client make this request to this workload?
+//!
+//! After Istio's `AuthorizationPolicy` evaluation:
+//!
+//! 1. any DENY policy that matches → denied, naming it;
+//! 2. else, if the workload has ALLOW policies → allowed only if one matches;
+//! 3. else the mesh's default inbound policy (`all-authenticated` by default).
+//!
+//! A policy matches when any of its rules does; a rule when some `from` and some `to`
+//! match (an empty list matches everything); a `from`/`to` when each of its non-empty
+//! lists matches and none of its `not_*` lists does. Values may carry one `*` at the
+//! start or the end, or be `*` alone.
+
+use wary_certs::SpiffeId;
+use wary_proto::discovery::authorization::Action;
+use wary_proto::discovery::{Authorization, DefaultInboundPolicy, InboundPolicy, Operation, Source};
+
+/// The request, as authorization sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct Request<'a> {
+    /// The verified client identity; `None` for plaintext (permissive mode).
+    pub client: Option<&'a SpiffeId>,
+    /// The HTTP method, e.g. `GET`.
+    pub method: &'a str,
+    /// The request path, without the query.
+    pub path: &'a str,
+    /// The app port.
+    pub port: u16,
+}
+
+/// The verdict and what decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    /// Allowed by the named policy, or by the default (`None`).
+    Allow(Option<String>),
+    /// Denied; the string names what decided: a policy (`web-only.default`), or the
+    /// default policy (`default:deny`, `no ALLOW policy matched`...).
+    Deny(String),
+}
+
+impl Decision {
+    /// A bounded label for metrics: the policy's name, or `default`.
+    pub fn policy_label(&self) -> &str {
+        match self {
+            Decision::Allow(Some(p)) => p,
+            Decision::Deny(p) if !p.contains(' ') && !p.starts_with("default:") => p,
+            _ => "default",
+        }
+    }
+}
+
+/// Decides `req` against the workload's inbound policy.
+pub fn authorize(policy: &InboundPolicy, req: &Request<'_>) -> Decision {
+    let action = |a: &Authorization| Action::try_from(a.action).ok();
+    if let Some(deny) = policy
+        .authorizations
+        .iter()
+        .find(|a| action(a) == Some(Action::Deny) && matches(a, req))
+    {
+        return Decision::Deny(deny.name.clone());
+    }
+    let mut allows = policy
+        .authorizations
+        .iter()
+        .filter(|a| action(a) == Some(Action::Allow))
+        .peekable();
+    if allows.peek().is_some() {
+        return match allows.find(|a| matches(a, req)) {
+            Some(a) => Decision::Allow(Some(a.name.clone())),
+            None => Decision::Deny("no ALLOW policy matched".into()),
+        };
+    }
+    match DefaultInboundPolicy::try_from(policy.default_policy) {
+        Ok(DefaultInboundPolicy::AllUnauthenticated) => Decision::Allow(None),
+        Ok(DefaultInboundPolicy::AllAuthenticated) if req.client.is_some() => Decision::Allow(None),
+        Ok(DefaultInboundPolicy::AllAuthenticated) => Decision::Deny("default:all-authenticated".into()),
+        _ => Decision::Deny("default:deny".into()),
+    }
+}
+
+fn matches(a: &Authorization, req: &Request<'_>) -> bool {
+    a.rules.iter().any(|rule| {
+        (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, req.client)))
+            && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, req)))
+    })
+}
+
+fn source_matches(s: &Source, client: Option<&SpiffeId>) -> bool {
+    let Some(id) = client else {
+        // An unauthenticated client matches only a source that asks nothing of it.
+        return s.principals.is_empty() && s.namespaces.is_empty() && s.service_accounts.is_empty();
+    };
+    let principal = id.to_string();
+    let sa = format!("{}/{}", id.namespace(), id.service_account());
+    all_or_any(&s.principals, &principal)
+        && all_or_any(&s.namespaces, id.namespace())
+        && all_or_any(&s.service_accounts, &sa)
+        && !s.not_principals.iter().any(|p| glob(p, &principal))
+        && !s.not_namespaces.iter().any(|p| glob(p, id.namespace()))
+}
+
+fn operation_matches(o: &Operation, req: &Request<'_>) -> bool {
+    all_or_any(&o.methods, req.method)
+        && all_or_any(&o.paths, req.path)
+        && (o.ports.is_empty() || o.ports.contains(&u32::from(req.port)))
+        && !o.not_methods.iter().any(|p| glob(p, req.method))
+        && !o.not_paths.iter().any(|p| glob(p, req.path))
+}
+
+/// An empty list matches everything; otherwise some pattern must match.
+fn all_or_any(patterns: &[String], value: &str) -> bool {
+    patterns.is_empty() || patterns.iter().any(|p| glob(p, value))
+}
+
+/// `*`, `prefix*`, `*suffix`, or an exact value.
+fn glob(pattern: &str, value: &str) -> bool {
+    if pattern == "*" {
+        true
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        value.starts_with(prefix)
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        value.ends_with(suffix)
+    } else {
+        pattern == value
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wary_proto::discovery::Rule;
+
+    fn policy(authorizations: Vec<Authorization>, default: DefaultInboundPolicy) -> InboundPolicy {
+        InboundPolicy {
+            default_policy: default as i32,
+            authorizations,
+            ..Default::default()
+        }
+    }
+
+    fn authz(name: &str, action: Action, principals: &[&str], paths: &[&str]) -> Authorization {
+        Authorization {
+            name: name.into(),
+            action: action as i32,
+            rules: vec![Rule {
+                from: vec![Source {
+                    principals: principals.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                }],
+                to: vec![Operation {
+                    paths: paths.iter().map(|s| s.to_string()).collect(),
+                    ..Default::default()
+                }],
+            }],
+        }
+    }
+
+    fn req<'a>(client: Option<&'a SpiffeId>, path: &'a str) -> Request<'a> {
+        Request {
+            client,
+            method: "GET",
+            path,
+            port: 8080,
+        }
+    }
+
+    #[test]
+    fn deny_wins_allow_must_match_and_defaults_apply() {
+        let web: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        let db: SpiffeId = "spiffe://cluster.local/ns/default/sa/db".parse().unwrap();
+        let p = policy(
+            vec![
+                authz(
+                    "web-api.default",
+                    Action::Allow,
+                    &["spiffe://cluster.local/ns/default/sa/web"],
+                    &["/api/*"],
+                ),
+                authz("no-admin.default", Action::Deny, &["*"], &["/api/admin*"]),
+            ],
+            DefaultInboundPolicy::AllAuthenticated,
+        );
+        assert_eq!(
+            authorize(&p, &req(Some(&web), "/api/orders")),
+            Decision::Allow(Some("web-api.default".into()))
+        );
+        assert_eq!(
+            authorize(&p, &req(Some(&web), "/api/admin/users")),
+            Decision::Deny("no-admin.default".into())
+        );
+        assert_eq!(
+            authorize(&p, &req(Some(&db), "/api/orders")),
+            Decision::Deny("no ALLOW policy matched".into())
+        );
+        assert_eq!(
+            authorize(&p, &req(None, "/api/orders")),
+            Decision::Deny("no ALLOW policy matched".into())
+        );
+
+        let open = policy(vec![], DefaultInboundPolicy::AllAuthenticated);
+        assert_eq!(authorize(&open, &req(Some(&db), "/")), Decision::Allow(None));
+        assert_eq!(
+            authorize(&open, &req(None, "/")),
+            Decision::Deny("default:all-authenticated".into())
+        );
+        let closed = policy(vec![], DefaultInboundPolicy::Deny);
+        assert_eq!(
+            authorize(&closed, &req(Some(&web), "/")),
+            Decision::Deny("default:deny".into())
+        );
+        let anyone = policy(vec![], DefaultInboundPolicy::AllUnauthenticated);
+        assert_eq!(authorize(&anyone, &req(None, "/")), Decision::Allow(None));
+    }
+
+    #[test]
+    fn sources_match_namespaces_service_accounts_and_negations() {
+        let web: SpiffeId = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+        let s = Source {
+            namespaces: vec!["shop".into()],
+            service_accounts: vec!["shop/*".into()],
+            not_principals: vec!["*/sa/db".into()],
+            ..Default::default()
+        };
+        assert!(source_matches(&s, Some(&web)));
+        let db: SpiffeId = "spiffe://cluster.local/ns/shop/sa/db".parse().unwrap();
+        assert!(!source_matches(&s, Some(&db)));
+        assert!(!source_matches(&s, None));
+        assert!(glob("*", "x") && glob("/api/*", "/api/v1") && glob("*.css", "a.css") && !glob("/a", "/ab"));
+    }
+}
