@@ -49,7 +49,11 @@ async fn get(proxy: SocketAddr, path: &str) -> (u16, String) {
         .await
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let status = text.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_default();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_default();
     (status, text)
 }
 
@@ -58,9 +62,20 @@ async fn policies_allow_deny_and_name_themselves() {
     let mesh = MeshDir::new();
     mesh.write("service.yaml", SERVICE);
     mesh.write("web.yaml", &workload_as("web-1", "web", "web", "127.0.9.1", 8080));
-    mesh.write("backend.yaml", &workload_as("backend-1", "backend", "backend", "127.0.9.2", 8080));
+    mesh.write(
+        "backend.yaml",
+        &workload_as("backend-1", "backend", "backend", "127.0.9.2", 8080),
+    );
     // Only `ops` may call the backend.
-    mesh.write("allow.yaml", &policy("ops-only", "ALLOW", "spiffe://cluster.local/ns/default/sa/ops", "\"/*\""));
+    mesh.write(
+        "allow.yaml",
+        &policy(
+            "ops-only",
+            "ALLOW",
+            "spiffe://cluster.local/ns/default/sa/ops",
+            "\"/*\"",
+        ),
+    );
     let cp = ControlPlane::start(&mesh).await;
     let _app = App::start("127.0.9.2:8080".parse().unwrap(), "backend-1").await;
     let web = Proxy::start_at(&cp, "web-1", "127.0.9.1:4143".parse().unwrap()).await;
@@ -74,9 +89,20 @@ async fn policies_allow_deny_and_name_themselves() {
     assert!(text.contains("spiffe://cluster.local/ns/default/sa/web may not GET / on backend-1.default: denied by no ALLOW policy matched"), "{text}");
 
     // Allow web on /api/*, deny /api/admin*: DENY wins where both match.
-    mesh.write("allow.yaml", &policy("web-api", "ALLOW", "spiffe://cluster.local/ns/default/sa/web", "\"/api/*\""));
+    mesh.write(
+        "allow.yaml",
+        &policy(
+            "web-api",
+            "ALLOW",
+            "spiffe://cluster.local/ns/default/sa/web",
+            "\"/api/*\"",
+        ),
+    );
     mesh.write("deny.yaml", &policy("no-admin", "DENY", "*", "\"/api/admin*\""));
-    wait_until("the new policies apply", || async { (get(web.outbound, "/api/orders").await.0 == 200).then_some(()) }).await;
+    wait_until("the new policies apply", || async {
+        (get(web.outbound, "/api/orders").await.0 == 200).then_some(())
+    })
+    .await;
     let (status, text) = get(web.outbound, "/api/admin/users").await;
     assert_eq!(status, 403, "{text}");
     assert!(text.contains("denied by no-admin.default"), "{text}");
