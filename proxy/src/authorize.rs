@@ -33,17 +33,37 @@ pub struct Request<'a> {
 pub enum Decision {
     /// Allowed by the named policy, or by the default (`None`).
     Allow(Option<String>),
-    /// Denied; the string names what decided: a policy (`web-only.default`), or the
-    /// default policy (`default:deny`, `no ALLOW policy matched`...).
-    Deny(String),
+    /// Denied, and why.
+    Deny(DeniedBy),
+}
+
+/// What denied a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DeniedBy {
+    /// A DENY policy that matched, `<name>.<namespace>`.
+    Policy(String),
+    /// ALLOW policies apply to the workload and none matched.
+    NoAllowMatched,
+    /// The mesh's default inbound policy (`deny`, or `all-authenticated` for a client
+    /// without a certificate).
+    Default(&'static str),
+}
+
+impl std::fmt::Display for DeniedBy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DeniedBy::Policy(p) => f.write_str(p),
+            DeniedBy::NoAllowMatched => f.write_str("no ALLOW policy matched"),
+            DeniedBy::Default(d) => write!(f, "the default inbound policy ({d})"),
+        }
+    }
 }
 
 impl Decision {
-    /// A bounded label for metrics: the policy's name, or `default`.
+    /// A bounded label for metrics: the deciding policy's name, or `default`.
     pub fn policy_label(&self) -> &str {
         match self {
-            Decision::Allow(Some(p)) => p,
-            Decision::Deny(p) if !p.contains(' ') && !p.starts_with("default:") => p,
+            Decision::Allow(Some(p)) | Decision::Deny(DeniedBy::Policy(p)) => p,
             _ => "default",
         }
     }
@@ -57,7 +77,7 @@ pub fn authorize(policy: &InboundPolicy, req: &Request<'_>) -> Decision {
         .iter()
         .find(|a| action(a) == Some(Action::Deny) && matches(a, req))
     {
-        return Decision::Deny(deny.name.clone());
+        return Decision::Deny(DeniedBy::Policy(deny.name.clone()));
     }
     let mut allows = policy
         .authorizations
@@ -67,14 +87,14 @@ pub fn authorize(policy: &InboundPolicy, req: &Request<'_>) -> Decision {
     if allows.peek().is_some() {
         return match allows.find(|a| matches(a, req)) {
             Some(a) => Decision::Allow(Some(a.name.clone())),
-            None => Decision::Deny("no ALLOW policy matched".into()),
+            None => Decision::Deny(DeniedBy::NoAllowMatched),
         };
     }
     match DefaultInboundPolicy::try_from(policy.default_policy) {
         Ok(DefaultInboundPolicy::AllUnauthenticated) => Decision::Allow(None),
         Ok(DefaultInboundPolicy::AllAuthenticated) if req.client.is_some() => Decision::Allow(None),
-        Ok(DefaultInboundPolicy::AllAuthenticated) => Decision::Deny("default:all-authenticated".into()),
-        _ => Decision::Deny("default:deny".into()),
+        Ok(DefaultInboundPolicy::AllAuthenticated) => Decision::Deny(DeniedBy::Default("all-authenticated")),
+        _ => Decision::Deny(DeniedBy::Default("deny")),
     }
 }
 
@@ -186,27 +206,27 @@ mod tests {
         );
         assert_eq!(
             authorize(&p, &req(Some(&web), "/api/admin/users")),
-            Decision::Deny("no-admin.default".into())
+            Decision::Deny(DeniedBy::Policy("no-admin.default".into()))
         );
         assert_eq!(
             authorize(&p, &req(Some(&db), "/api/orders")),
-            Decision::Deny("no ALLOW policy matched".into())
+            Decision::Deny(DeniedBy::NoAllowMatched)
         );
         assert_eq!(
             authorize(&p, &req(None, "/api/orders")),
-            Decision::Deny("no ALLOW policy matched".into())
+            Decision::Deny(DeniedBy::NoAllowMatched)
         );
 
         let open = policy(vec![], DefaultInboundPolicy::AllAuthenticated);
         assert_eq!(authorize(&open, &req(Some(&db), "/")), Decision::Allow(None));
         assert_eq!(
             authorize(&open, &req(None, "/")),
-            Decision::Deny("default:all-authenticated".into())
+            Decision::Deny(DeniedBy::Default("all-authenticated"))
         );
         let closed = policy(vec![], DefaultInboundPolicy::Deny);
         assert_eq!(
             authorize(&closed, &req(Some(&web), "/")),
-            Decision::Deny("default:deny".into())
+            Decision::Deny(DeniedBy::Default("deny"))
         );
         let anyone = policy(vec![], DefaultInboundPolicy::AllUnauthenticated);
         assert_eq!(authorize(&anyone, &req(None, "/")), Decision::Allow(None));
