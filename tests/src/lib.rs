@@ -388,6 +388,24 @@ pub async fn curl(url: &str) -> String {
     }
 }
 
+/// `curl -i -x <proxy> <url>` with extra arguments, as an app with `HTTP_PROXY` set;
+/// returns the status and the headers and body.
+pub async fn curl_via(proxy: SocketAddr, url: &str, extra: &[&str]) -> (u16, String) {
+    let out = Command::new("curl")
+        .args(["-sS", "-i", "--max-time", "10", "-x", &format!("http://{proxy}"), url])
+        .args(extra)
+        .output()
+        .await
+        .expect("run curl");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_default();
+    (status, text)
+}
+
 /// Polls an async condition until it yields a value, within [`DEADLINE`]. For state that
 /// only a poll can see (another process's admin page).
 pub async fn wait_until<T, F, Fut>(what: &str, mut poll: F) -> T

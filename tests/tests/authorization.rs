@@ -3,21 +3,7 @@
 
 use std::net::SocketAddr;
 
-use tokio::process::Command;
-use wary_tests::{App, ControlPlane, MeshDir, Proxy, wait_until, workload_as};
-
-const SERVICE: &str = "apiVersion: local.wary.io/v1alpha1
-kind: Service
-metadata:
-  name: backend
-spec:
-  selector:
-    app: backend
-  ports:
-  - name: http
-    port: 9090
-    targetPort: http
-";
+use wary_tests::{App, ControlPlane, MeshDir, Proxy, curl_via, service, wait_until, workload_as};
 
 fn policy(name: &str, action: &str, principal: &str, paths: &str) -> String {
     format!(
@@ -42,25 +28,13 @@ spec:
 }
 
 async fn get(proxy: SocketAddr, path: &str) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "-i", "--max-time", "10", "-x", &format!("http://{proxy}")])
-        .arg(format!("http://backend.default:9090{path}"))
-        .output()
-        .await
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_default();
-    (status, text)
+    curl_via(proxy, &format!("http://backend.default:9090{path}"), &[]).await
 }
 
 #[tokio::test]
 async fn policies_allow_deny_and_name_themselves() {
     let mesh = MeshDir::new();
-    mesh.write("service.yaml", SERVICE);
+    mesh.write("service.yaml", &service("backend", 9090));
     mesh.write("web.yaml", &workload_as("web-1", "web", "web", "127.0.9.1", 8080));
     mesh.write(
         "backend.yaml",

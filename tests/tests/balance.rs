@@ -5,20 +5,7 @@ use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use wary_tests::{App, ControlPlane, MeshDir, Proxy, load, wait_until, workload_as};
-
-const SERVICE: &str = "apiVersion: local.wary.io/v1alpha1
-kind: Service
-metadata:
-  name: backend
-spec:
-  selector:
-    app: backend
-  ports:
-  - name: http
-    port: 9090
-    targetPort: http
-";
+use wary_tests::{App, ControlPlane, MeshDir, Proxy, load, service, wait_until, workload_as};
 
 fn served(apps: &[App]) -> Vec<u64> {
     apps.iter().map(|a| a.served.load(Ordering::Relaxed)).collect()
@@ -27,7 +14,7 @@ fn served(apps: &[App]) -> Vec<u64> {
 #[tokio::test]
 async fn a_slowed_backend_loses_its_traffic_to_the_fast_ones() {
     let mesh = MeshDir::new();
-    mesh.write("service.yaml", SERVICE);
+    mesh.write("service.yaml", &service("backend", 9090));
     mesh.write("web.yaml", &workload_as("web-1", "web", "web", "127.0.7.1", 8080));
     for i in 1..=3 {
         mesh.write(

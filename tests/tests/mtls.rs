@@ -15,24 +15,11 @@ use tokio::process::Command;
 use wary_certs::ca::MeshCa;
 use wary_certs::credentials::TrustBundle;
 use wary_certs::tls::{ALPN_H2, server_name};
-use wary_tests::{App, ControlPlane, MeshDir, Proxy, binary, load, wait_until, workload_as};
+use wary_tests::{App, ControlPlane, MeshDir, Proxy, binary, curl_via, load, service, wait_until, workload_as};
 
 fn addr(s: &str) -> SocketAddr {
     s.parse().unwrap()
 }
-
-const BACKEND_SERVICE: &str = "apiVersion: local.wary.io/v1alpha1
-kind: Service
-metadata:
-  name: backend
-spec:
-  selector:
-    app: backend
-  ports:
-  - name: http
-    port: 9090
-    targetPort: http
-";
 
 /// A mesh of a client workload `web-1` and one backend `backend-1`, on `net`.x
 /// addresses, both proxies running and ready, the backend app serving.
@@ -46,7 +33,7 @@ struct Pair {
 
 async fn pair(net: &str, extra: &str) -> Pair {
     let mesh = MeshDir::new();
-    mesh.write("service.yaml", BACKEND_SERVICE);
+    mesh.write("service.yaml", &service("backend", 9090));
     mesh.write(
         "web.yaml",
         &workload_as("web-1", "web", "web", &format!("{net}.1"), 8080),
@@ -71,23 +58,6 @@ async fn pair(net: &str, extra: &str) -> Pair {
         backend,
         app,
     }
-}
-
-/// `curl -x <proxy> <url>` with extra arguments; returns (status, headers+body).
-async fn curl_via(proxy: SocketAddr, url: &str, extra: &[&str]) -> (u16, String) {
-    let out = Command::new("curl")
-        .args(["-sS", "-i", "--max-time", "10", "-x", &format!("http://{proxy}"), url])
-        .args(extra)
-        .output()
-        .await
-        .expect("run curl");
-    let text = String::from_utf8_lossy(&out.stdout).to_string();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_default();
-    (status, text)
 }
 
 #[tokio::test]
