@@ -5,6 +5,7 @@
 //! * [`discovery`]: the stream to the control plane: subscribe, apply, ACK/NACK,
 //!   reconnect with backoff.
 //! * [`state`]: the last good resources, read lock-free by everything else.
+//! * [`routes`]: the outbound route table, rebuilt on each discovery update.
 //! * [`outbound`]: the app's requests: destination, service, endpoint, and over
 //!   [`pool`] (HTTP/2 over mTLS) to the peer proxy.
 //! * [`authorize`]: AuthorizationPolicy evaluation (DENY wins; ALLOW must match).
@@ -29,4 +30,5 @@ pub mod inbound;
 pub mod metrics;
 pub mod outbound;
 pub mod pool;
+pub mod routes;
 pub mod state;

@@ -17,6 +17,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use arc_swap::ArcSwap;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
@@ -27,10 +28,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 use wary_certs::SpiffeId;
-use wary_proto::discovery::load_balancer::Algorithm as Algorithm_;
-use wary_proto::discovery::{Endpoint, Service};
 
-use crate::balance::{Algorithm, Balancers, Pick, Settings};
+use crate::balance::{Balancers, Pick};
+use crate::routes::{RouteTable, Via};
 
 use crate::http::{self as h, Body, error_response};
 use crate::metrics as m;
@@ -39,11 +39,11 @@ use crate::state::Cache;
 
 /// The outbound proxy.
 pub struct Outbound {
-    cache: Arc<Cache>,
     pool: Arc<PeerPool>,
     namespace: String,
     passthrough: Client<HttpConnector, Body>,
     balancers: Arc<Balancers>,
+    routes: Arc<ArcSwap<RouteTable>>,
 }
 
 impl Outbound {
@@ -51,17 +51,23 @@ impl Outbound {
     /// connections from `pool`.
     pub fn new(cache: Arc<Cache>, pool: Arc<PeerPool>, namespace: String) -> Self {
         let balancers = Arc::new(Balancers::default());
-        tokio::spawn(prune(cache.clone(), balancers.clone(), pool.clone()));
+        let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(&cache.load(), &balancers)));
+        tokio::spawn(follow_discovery(
+            cache.clone(),
+            routes.clone(),
+            balancers.clone(),
+            pool.clone(),
+        ));
         let mut connector = HttpConnector::new();
         // Linkerd's connect timeout, also outside the mesh.
         connector.set_connect_timeout(Some(Duration::from_secs(1)));
         connector.set_nodelay(true);
         Self {
-            cache,
             pool,
             namespace,
             passthrough: Client::builder(TokioExecutor::new()).build(connector),
             balancers,
+            routes,
         }
     }
 
@@ -104,74 +110,34 @@ impl Outbound {
                 "no destination: send an absolute-form URI (HTTP_PROXY) or a Host header".into(),
             );
         };
-        let state = self.cache.load();
-        let service = state.resolve(dst.host(), &self.namespace).filter(|s| {
-            s.ports
-                .iter()
-                .any(|p| p.port == u32::from(dst.port_u16().unwrap_or(80)))
-        });
-        let Some(service) = service else {
+        let port = dst.port_u16().unwrap_or(80);
+        let routes = self.routes.load();
+        let route = routes.resolve(dst.host(), &self.namespace);
+        let Some((route, targets)) = route.and_then(|r| Some((r, r.ports.get(&port)?))) else {
             metrics::counter!(m::REQUESTS, "direction" => "outbound", "service" => "passthrough").increment(1);
-            return self.forward_plain(req, dst.clone(), None, None).await;
+            return self.forward_plain(req, dst, None, None).await;
         };
-        let port = u32::from(dst.port_u16().unwrap_or(80));
-        let name = format!("{}.{}", service.name, service.namespace);
-        let ready: Vec<&Endpoint> = state
-            .endpoints
-            .items
-            .get(&name)
-            .map(|e| {
-                e.endpoints
-                    .iter()
-                    .filter(|e| e.ready && e.service_port == port)
-                    .collect()
-            })
-            .unwrap_or_default();
-        metrics::counter!(m::REQUESTS, "direction" => "outbound", "service" => name.clone()).increment(1);
-        if ready.is_empty() {
+        route.requests.increment(1);
+        let Some(pick) = route.balancer.pick(&targets.addrs, &route.settings) else {
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "no-endpoints",
-                format!("{name}:{port}: no ready endpoints"),
-            );
-        }
-        let addrs: Vec<SocketAddr> = ready
-            .iter()
-            .filter_map(|e| Some(SocketAddr::new(e.address.parse().ok()?, u16::try_from(e.port).ok()?)))
-            .collect();
-        if addrs.len() != ready.len() {
-            return error_response(
-                StatusCode::BAD_GATEWAY,
-                "bad-endpoint",
-                format!("{name}: bad endpoint address"),
-            );
-        }
-        let settings = balance_settings(service);
-        let Some(pick) = self.balancers.get(&name).pick(&addrs, &settings) else {
-            return error_response(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "no-endpoints",
-                format!("{name}:{port}: no ready endpoints"),
+                format!("{}:{port}: no ready endpoints", route.name),
             );
         };
-        let endpoint = ready[pick.index];
-        let ip = addrs[pick.index].ip();
-        if endpoint.mesh_port == 0 {
-            let to = SocketAddr::new(ip, endpoint.port as u16);
-            return self.forward_plain(req, dst, Some(to), Some(pick)).await;
-        }
-        let identity: SpiffeId = match endpoint.identity.parse() {
-            Ok(id) => id,
-            Err(_) => {
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    "bad-endpoint",
-                    format!("{name}: endpoint has no identity"),
-                );
+        let target = &targets.targets[pick.index];
+        match &target.via {
+            Via::Plain => {
+                let to = target.app;
+                self.forward_plain(req, dst, Some(to), Some(pick)).await
             }
-        };
-        let peer = SocketAddr::new(ip, endpoint.mesh_port as u16);
-        self.forward_mesh(req, &dst, peer, &identity, endpoint.port, pick).await
+            Via::Mesh { peer, identity } => {
+                let (peer, identity, app_port) = (*peer, identity.clone(), target.app.port());
+                drop(routes);
+                self.forward_mesh(req, &dst, peer, &identity, u32::from(app_port), pick)
+                    .await
+            }
+        }
     }
 
     /// Over the mesh: HTTP/2 over mTLS to the peer proxy.
@@ -257,12 +223,19 @@ impl Outbound {
     }
 }
 
-/// After every discovery update, forgets balancer statistics and pooled connections of
-/// endpoints that are gone, so the proxy's memory follows the mesh's size.
-async fn prune(cache: Arc<Cache>, balancers: Arc<Balancers>, pool: Arc<PeerPool>) {
+/// After every discovery update: rebuilds the route table, and forgets balancer
+/// statistics and pooled connections of endpoints that are gone, so the proxy's memory
+/// follows the mesh's size.
+async fn follow_discovery(
+    cache: Arc<Cache>,
+    routes: Arc<ArcSwap<RouteTable>>,
+    balancers: Arc<Balancers>,
+    pool: Arc<PeerPool>,
+) {
     let mut changed = cache.subscribe();
     while changed.changed().await.is_ok() {
         let state = cache.load();
+        routes.store(Arc::new(RouteTable::build(&state, &balancers)));
         let peers = state
             .endpoints
             .items
@@ -303,30 +276,6 @@ fn hold_until_body_ends(response: Response<Body>, pick: Pick) -> Response<Body> 
         })
         .boxed()
     })
-}
-
-/// The balancer settings a service's traffic policy asks for.
-fn balance_settings(service: &Service) -> Settings {
-    let lb = service.traffic_policy.as_ref().and_then(|tp| tp.load_balancer.as_ref());
-    let duration = |d: Option<&prost_types::Duration>| {
-        d.and_then(|d| {
-            Some(Duration::new(
-                u64::try_from(d.seconds).ok()?,
-                u32::try_from(d.nanos).ok()?,
-            ))
-        })
-    };
-    let defaults = Settings::default();
-    Settings {
-        algorithm: match lb.map(|lb| lb.algorithm()) {
-            Some(Algorithm_::RoundRobin) => Algorithm::RoundRobin,
-            _ => Algorithm::Ewma,
-        },
-        decay: duration(lb.and_then(|lb| lb.decay.as_ref()))
-            .filter(|d| !d.is_zero())
-            .unwrap_or(defaults.decay),
-        default_rtt: duration(lb.and_then(|lb| lb.default_rtt.as_ref())).unwrap_or(defaults.default_rtt),
-    }
 }
 
 /// Where the app wants to go: the absolute-form URI's authority (`HTTP_PROXY` clients),

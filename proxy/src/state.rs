@@ -85,7 +85,8 @@ impl DiscoveryState {
 
     /// The service with resource name `name` (`orders.default`), or with `name` among
     /// its qualified host names (`orders.default.svc.cluster.local`). Linear in the
-    /// number of services for host names; the outbound path indexes them when it lands.
+    /// number of services for host names: the request path uses the indexed
+    /// [`crate::routes::RouteTable`] instead.
     pub fn service(&self, name: &str) -> Option<&Arc<Service>> {
         self.services.items.get(name).or_else(|| {
             self.services
@@ -93,17 +94,6 @@ impl DiscoveryState {
                 .values()
                 .find(|s| s.hostnames.iter().any(|h| h == name))
         })
-    }
-
-    /// The service a client in `client_namespace` means by `host`: a bare name
-    /// (`orders`) resolves in the client's own namespace, as Kubernetes DNS does;
-    /// anything else as [`DiscoveryState::service`].
-    pub fn resolve(&self, host: &str, client_namespace: &str) -> Option<&Arc<Service>> {
-        if host.contains('.') {
-            self.service(host)
-        } else {
-            self.services.items.get(&format!("{host}.{client_namespace}"))
-        }
     }
 }
 
