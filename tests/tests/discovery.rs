@@ -23,8 +23,11 @@ async fn an_edit_reaches_the_client_within_one_second() {
     mesh.write("orders-1.yaml", &workload("orders-1", "orders", "127.0.1.1", 8080));
     let cp = ControlPlane::start(&mesh).await;
     let client = Client::connect(&cp, "edit-test");
+    // Services and endpoints arrive in separate responses: wait for both.
     let state = client
-        .wait_for("orders on port 80", |s| port_of(s, "orders.default") == Some(80))
+        .wait_for("orders on port 80 with its endpoint", |s| {
+            port_of(s, "orders.default") == Some(80) && s.endpoints.items.contains_key("orders.default")
+        })
         .await;
     let eps = &state.endpoints.items["orders.default"].endpoints;
     assert_eq!(eps.len(), 1);
@@ -205,12 +208,17 @@ async fn a_proxy_rides_out_a_control_plane_restart() {
     let proxy = Proxy::start(&cp, "orders-1").await;
     let client = Client::connect(&cp, "restart-test");
     proxy
-        .wait_for_dump("three services and the inbound policy", |d| {
+        .wait_for_dump("three services, their endpoints and the inbound policy", |d| {
             d["services"].as_array().is_some_and(|s| s.len() == 3)
+                && d["endpoints"].as_array().is_some_and(|e| e.len() == 3)
                 && d["inbound_policies"][0]["name"] == "orders-1.default"
         })
         .await;
-    client.wait_for("three services", |s| s.services.items.len() == 3).await;
+    client
+        .wait_for("three services and their endpoints", |s| {
+            s.services.items.len() == 3 && s.endpoints.items.len() == 3
+        })
+        .await;
     assert_eq!(proxy.admin_get("/ready").await, "ok\n");
 
     cp.kill().await;
