@@ -9,9 +9,10 @@
 //! ```
 //!
 //! Sources: Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing"
-//! (2001); Peak-EWMA from Finagle, as Linkerd and tower-balance use it. A new endpoint
-//! starts at the default RTT (30 ms), floored at 1 ms so it never looks free
-//! (tower#134), and is therefore tried promptly without being flooded.
+//! (2001); Peak-EWMA from Finagle, as Linkerd and tower-balance use it. A service's
+//! first endpoints start at the default RTT (30 ms); an endpoint that joins later starts
+//! at its peers' mean estimate, so it competes at once instead of waiting for a high
+//! seed to decay (tower#134). Every estimate is floored at 1 ms so none looks free.
 //!
 //! The balancer knows nothing of discovery: it is handed the ready endpoints of a
 //! request and keeps per-endpoint statistics by address, which survive updates.
@@ -208,13 +209,30 @@ impl Balancer {
         })
     }
 
-    /// The statistics of `addr`, created at the default RTT on first sight.
+    /// The statistics of `addr`, created on first sight at the mean estimate of the
+    /// service's other endpoints, or at the default RTT when it has none.
+    ///
+    /// Seeding with the default alone starves newcomers among fast endpoints (tower#134):
+    /// next to 2 ms backends a 30 ms seed loses every P2C comparison until it decays,
+    /// which at a 10 s decay takes about 25 s. Seeded with its peers' mean it competes at
+    /// once, and its first slow answer (a peak) still sends traffic away at once.
     pub fn load(&self, addr: SocketAddr, settings: &Settings) -> Arc<EndpointLoad> {
         let mut loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
-        loads
-            .entry(addr)
-            .or_insert_with(|| Arc::new(EndpointLoad::new(&self.service, addr, settings.default_rtt)))
-            .clone()
+        if let Some(load) = loads.get(&addr) {
+            return load.clone();
+        }
+        let peers: Vec<f64> = loads
+            .values()
+            .map(|l| l.ewma.lock().unwrap_or_else(|e| e.into_inner()).0)
+            .collect();
+        let seed = if peers.is_empty() {
+            settings.default_rtt
+        } else {
+            Duration::from_secs_f64(peers.iter().sum::<f64>() / peers.len() as f64)
+        };
+        let load = Arc::new(EndpointLoad::new(&self.service, addr, seed));
+        loads.insert(addr, load.clone());
+        load
     }
 
     /// Forgets endpoints that are no longer in `current` (after a discovery update).

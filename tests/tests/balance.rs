@@ -89,3 +89,90 @@ async fn a_slowed_backend_loses_its_traffic_to_the_fast_ones() {
     let report = run.await.unwrap();
     assert_eq!(report.failed, 0, "{:?}", report.failures);
 }
+
+/// Topology changes under load: a fourth backend added gets its fair share within 5 s,
+/// and a backend removed from the configuration costs no request.
+#[tokio::test]
+async fn backends_join_and_leave_under_load_without_a_failed_request() {
+    let mesh = MeshDir::new();
+    mesh.write("service.yaml", &service("backend", 9090));
+    mesh.write("web.yaml", &workload_as("web-1", "web", "web", "127.0.10.1", 8080));
+    let mut apps = Vec::new();
+    let mut proxies = Vec::new();
+    for i in 1..=4 {
+        let ip = format!("127.0.10.1{i}");
+        if i <= 3 {
+            mesh.write(
+                &format!("backend-{i}.yaml"),
+                &workload_as(&format!("backend-{i}"), "backend", "backend", &ip, 8080),
+            );
+        }
+        apps.push(App::start(format!("{ip}:8080").parse().unwrap(), &format!("backend-{i}")).await);
+    }
+    // backend-4 runs (app and proxy) but is not in the configuration yet.
+    mesh.write(
+        "backend-4.yaml",
+        &workload_as("backend-4", "backend", "backend", "127.0.10.14", 8080).replace("app: backend", "app: standby"),
+    );
+    let cp = ControlPlane::start(&mesh).await;
+    for i in 1..=4 {
+        let inbound: SocketAddr = format!("127.0.10.1{i}:4143").parse().unwrap();
+        proxies.push(Proxy::start_at(&cp, &format!("backend-{i}"), inbound).await);
+    }
+    let web = Proxy::start_at(&cp, "web-1", "127.0.10.1:4143".parse().unwrap()).await;
+    for p in proxies.iter().chain([&web]) {
+        p.wait_ready().await;
+    }
+    let run = tokio::spawn(load(
+        web.outbound,
+        "http://backend.default:9090/",
+        150,
+        Duration::from_secs(25),
+    ));
+    wait_until("the three backends serve", || async {
+        served(&apps[..3]).iter().all(|n| *n >= 50).then_some(())
+    })
+    .await;
+
+    // backend-4 joins the service.
+    mesh.write(
+        "backend-4.yaml",
+        &workload_as("backend-4", "backend", "backend", "127.0.10.14", 8080),
+    );
+    let joined = tokio::time::Instant::now();
+    wait_until("backend-4 gets traffic", || async {
+        (apps[3].served.load(Ordering::Relaxed) > 0).then_some(())
+    })
+    .await;
+    let before = served(&apps);
+    wait_until("600 more requests", || async {
+        (served(&apps).iter().sum::<u64>() >= before.iter().sum::<u64>() + 600).then_some(())
+    })
+    .await;
+    let window: Vec<u64> = served(&apps).iter().zip(&before).map(|(a, b)| a - b).collect();
+    eprintln!("after backend-4 joined ({:?} ago): {window:?}", joined.elapsed());
+    assert!(
+        window[3] * 100 >= window.iter().sum::<u64>() * 15,
+        "backend-4 got {window:?}"
+    );
+    assert!(
+        joined.elapsed() < Duration::from_secs(5) + wary_tests::DEADLINE,
+        "took {:?}",
+        joined.elapsed()
+    );
+
+    // backend-2 leaves the configuration (its app and proxy keep running, draining).
+    mesh.remove("backend-2.yaml");
+    let gone = served(&apps)[1];
+    wait_until("backend-2 stops getting new requests", || async {
+        let now = served(&apps);
+        // A few in flight when it left may still land.
+        (now.iter().sum::<u64>() >= before.iter().sum::<u64>() + 1200 && now[1] <= gone + 20).then_some(())
+    })
+    .await;
+
+    let report = run.await.unwrap();
+    eprintln!("{report:?}");
+    assert_eq!(report.failed, 0, "{:?}", report.failures);
+    assert_eq!(report.ok, report.sent);
+}
