@@ -64,6 +64,9 @@ pub struct IdentityConfig {
     pub token: TokenSource,
     /// Retry backoff after a failed request; default 1 s doubling to 30 s.
     pub backoff: Backoff,
+    /// The trust anchors file the proxy started with, re-read when it falls back to its
+    /// join token (the bundle it holds may no longer verify the control plane).
+    pub trust_anchors: Option<std::path::PathBuf>,
 }
 
 impl IdentityConfig {
@@ -76,19 +79,29 @@ impl IdentityConfig {
                 base: Duration::from_secs(1),
                 max: Duration::from_secs(30),
             },
+            trust_anchors: None,
         }
     }
 }
 
 /// Requests one certificate and installs it (and the trust bundle that came with it).
+/// Renews with the current certificate as proof; with `bootstrap`, or without a valid
+/// certificate, proves itself with the join token on a connection that presents no
+/// certificate (the way back when the current one is no longer trusted, e.g. its anchor
+/// was dropped too early).
 ///
 /// # Errors
 /// A message saying what failed: connecting, the control plane's refusal (with its
 /// reason), or a certificate that does not verify.
-pub async fn certify(config: &IdentityConfig, creds: &Arc<Credentials>) -> Result<CertificateInfo, String> {
-    let renewing = creds
-        .certificate()
-        .is_some_and(|c| c.not_after > SystemTime::now() + Duration::from_secs(1));
+pub async fn certify(
+    config: &IdentityConfig,
+    creds: &Arc<Credentials>,
+    bootstrap: bool,
+) -> Result<CertificateInfo, String> {
+    let renewing = !bootstrap
+        && creds
+            .certificate()
+            .is_some_and(|c| c.not_after > SystemTime::now() + Duration::from_secs(1));
     let proof = if renewing {
         None
     } else {
@@ -97,7 +110,21 @@ pub async fn certify(config: &IdentityConfig, creds: &Arc<Credentials>) -> Resul
     let key = WorkloadKey::generate().map_err(|e| e.to_string())?;
     let asked = creds.certificate().map(|c| c.identity.clone());
     let csr = key.csr_for(asked.as_ref()).map_err(|e| e.to_string())?;
-    let channel = config.control_plane.connect(creds).await?;
+    let channel = if renewing {
+        config.control_plane.connect(creds).await?
+    } else {
+        // Present nothing; trust the bundle held plus the anchors file as it is now.
+        let mut anchors = creds.trust_bundle().anchors().to_vec();
+        if let Some(path) = &config.trust_anchors
+            && let Ok(pem) = std::fs::read_to_string(path)
+            && let Ok(file) = TrustBundle::from_pem(&pem)
+        {
+            anchors.extend(file.anchors().iter().cloned());
+        }
+        let bundle = TrustBundle::new(anchors).map_err(|e| e.to_string())?;
+        let anonymous = Credentials::new(bundle).map_err(|e| e.to_string())?;
+        config.control_plane.connect(&anonymous).await?
+    };
     let response = IdentityClient::new(channel)
         .certify(CertifyRequest {
             identity: asked.map(|a| a.to_string()).unwrap_or_default(),
@@ -145,7 +172,8 @@ pub async fn run(config: IdentityConfig, creds: Arc<Credentials>, first: impl Fn
     let mut attempt = 0u32;
     loop {
         let received = SystemTime::now();
-        match certify(&config, &creds).await {
+        // After two failed renewals in a row, fall back to the join token.
+        match certify(&config, &creds, attempt >= 2).await {
             Ok(info) => {
                 attempt = 0;
                 metrics::counter!(m::CERT_RENEWALS, "result" => "ok").increment(1);
@@ -179,7 +207,7 @@ pub async fn run(config: IdentityConfig, creds: Arc<Credentials>, first: impl Fn
                     retry_in_ms = delay.as_millis() as u64,
                     "certificate request failed: {e}; {held}"
                 );
-                tokio::time::sleep(delay.max(Duration::from_millis(50))).await;
+                tokio::time::sleep(delay.max(Duration::from_millis(500))).await;
             }
         }
     }

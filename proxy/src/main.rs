@@ -182,13 +182,12 @@ async fn main() -> anyhow::Result<()> {
 
     // Discovery starts once the proxy holds its mesh certificate, and presents it.
     let (certified_tx, certified) = tokio::sync::oneshot::channel();
-    tokio::spawn(identity::run(
-        IdentityConfig::new(control_plane, token),
-        creds,
-        move || {
-            let _ = certified_tx.send(());
-        },
-    ));
+    let mut identity_config = IdentityConfig::new(control_plane, token);
+    // Re-read on fallback to the join token: it may hold anchors this proxy lacks.
+    identity_config.trust_anchors = Some(args.trust_anchors.clone());
+    tokio::spawn(identity::run(identity_config, creds, move || {
+        let _ = certified_tx.send(());
+    }));
     tokio::spawn(async move {
         if certified.await.is_ok() {
             discovery::run(config, cache).await;

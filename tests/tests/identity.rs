@@ -213,3 +213,27 @@ async fn a_deleted_workload_cannot_renew() {
         ])
         .await;
 }
+
+/// An operator who rotates the root in one go (without waiting for renewals) strands
+/// certificates from the old anchor; the proxy finds its way back with its join token
+/// and the trust anchors file.
+#[tokio::test]
+async fn a_proxy_recovers_from_a_rotation_done_too_fast() {
+    let mesh = MeshDir::new();
+    mesh.write("mesh.yaml", MESH_CONFIG_10S);
+    mesh.write("web.yaml", &workload("web-1", "web", "127.0.2.6", 8080));
+    let cp = ControlPlane::start(&mesh).await;
+    let proxy = Proxy::start(&cp, "web-1").await;
+    proxy.wait_ready().await;
+    let old_issuer = proxy.certificate().await["issuer"].clone();
+    cp.ca("add-anchor").await;
+    cp.ca("use-next").await;
+    cp.ca("drop-old").await;
+    wait_until("a certificate from the new anchor", || async {
+        let c = proxy.certificate().await;
+        (c["issuer"] != old_issuer && c["trust_anchors"] == 1).then_some(())
+    })
+    .await;
+    proxy.logs.wait_for(&["certificate request failed"]).await;
+    assert_eq!(proxy.admin_get("/ready").await, "ok\n");
+}

@@ -297,6 +297,7 @@ async fn a_peer_reaches_only_the_ports_the_workload_declares() {
     certify(
         &IdentityConfig::new(p.cp.control_plane(), TokenSource::Inline(token)),
         &creds,
+        true,
     )
     .await
     .unwrap();
