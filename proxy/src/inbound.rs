@@ -38,6 +38,14 @@ pub const MAX_HANDSHAKES: usize = 1024;
 /// The longest a peer may take to complete its TLS handshake: 10 s.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// A verified peer of one connection.
+struct Peer {
+    /// Its SPIFFE ID.
+    id: SpiffeId,
+    /// The same, as the `wary-client-id` value for the app.
+    header: HeaderValue,
+}
+
 /// The inbound proxy.
 pub struct Inbound {
     app_ip: IpAddr,
@@ -152,7 +160,11 @@ impl Inbound {
                     }
                 };
                 metrics::counter!(m::TLS_HANDSHAKES, "direction" => "inbound").increment(1);
-                let client = Arc::new(client);
+                // The app's header is formatted once per connection, not per request.
+                let Ok(header) = HeaderValue::from_str(&client.to_string()) else {
+                    return;
+                };
+                let client = Arc::new(Peer { id: client, header });
                 let service = service_fn(move |req| {
                     let (inbound, client) = (inbound.clone(), client.clone());
                     async move { Ok::<_, Infallible>(inbound.handle(req, &client).await) }
@@ -165,7 +177,8 @@ impl Inbound {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, client: &SpiffeId) -> Response<Body> {
+    async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+        let client = &peer.id;
         let (mut parts, body) = req.into_parts();
         let port = parts
             .headers
@@ -218,9 +231,7 @@ impl Inbound {
         let http2 = parts.headers.get(h::ORIG_PROTO).is_some_and(|v| v == "h2");
         h::strip_hop_by_hop(&mut parts.headers);
         h::strip_mesh_headers(&mut parts.headers);
-        if let Ok(id) = HeaderValue::from_str(&client.to_string()) {
-            parts.headers.insert(h::CLIENT_ID, id);
-        }
+        parts.headers.insert(h::CLIENT_ID, peer.header.clone());
         // The app sees the authority the client used.
         if !http2
             && let Some(authority) = parts.uri.authority()

@@ -168,20 +168,10 @@ impl ControlPlane {
         let logs = Logs::default();
         logs.follow("control-plane".into(), child.stderr.take().unwrap());
         let line = first_line(&mut child).await;
-        let addr = |key: &str| -> SocketAddr {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-        };
-        let trust_anchors = line
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix("trust_anchors="))
-            .map(PathBuf::from)
-            .unwrap_or_else(|| panic!("no trust_anchors= in {line:?}"));
+        let trust_anchors: PathBuf = field(&line, "trust_anchors=");
         Self {
-            discovery: addr("discovery="),
-            admin: addr("admin="),
+            discovery: field(&line, "discovery="),
+            admin: field(&line, "admin="),
             trust_anchors,
             ca_dir: mesh.ca_path().to_path_buf(),
             child,
@@ -271,6 +261,14 @@ impl ControlPlane {
     }
 }
 
+/// The value of `key` (e.g. `admin=`) in a binary's start-up line.
+fn field<T: std::str::FromStr>(line: &str, key: &str) -> T {
+    line.split_whitespace()
+        .find_map(|w| w.strip_prefix(key))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no {key} in {line:?}"))
+}
+
 async fn first_line(child: &mut Child) -> String {
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
@@ -324,16 +322,10 @@ impl Proxy {
         let logs = Logs::default();
         logs.follow(format!("proxy {workload}"), child.stderr.take().unwrap());
         let line = first_line(&mut child).await;
-        let addr = |key: &str| -> SocketAddr {
-            line.split_whitespace()
-                .find_map(|w| w.strip_prefix(key))
-                .and_then(|a| a.parse().ok())
-                .unwrap_or_else(|| panic!("no {key} in {line:?}"))
-        };
         Self {
-            admin: addr("admin="),
-            inbound: addr("inbound="),
-            outbound: addr("outbound="),
+            admin: field(&line, "admin="),
+            inbound: field(&line, "inbound="),
+            outbound: field(&line, "outbound="),
             _child: child,
             logs,
         }
