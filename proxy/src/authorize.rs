@@ -10,6 +10,11 @@
 //! match (an empty list matches everything); a `from`/`to` when each of its non-empty
 //! lists matches and none of its `not_*` lists does. Values may carry one `*` at the
 //! start or the end, or be `*` alone.
+//!
+//! An opaque TCP stream has no method or path. As in Istio, an operation that asks
+//! about them never lets such a stream in through an ALLOW policy, while a DENY
+//! policy's operation matches on its other fields alone: both err on the side of
+//! refusing.
 
 use wary_certs::SpiffeId;
 use wary_proto::discovery::authorization::Action;
@@ -20,10 +25,9 @@ use wary_proto::discovery::{Authorization, DefaultInboundPolicy, InboundPolicy, 
 pub struct Request<'a> {
     /// The verified client identity; `None` for plaintext (permissive mode).
     pub client: Option<&'a SpiffeId>,
-    /// The HTTP method, e.g. `GET`.
-    pub method: &'a str,
-    /// The request path, without the query.
-    pub path: &'a str,
+    /// The HTTP method and path (without the query), e.g. `("GET", "/orders")`;
+    /// `None` for an opaque TCP stream, which has neither.
+    pub http: Option<(&'a str, &'a str)>,
     /// The app port.
     pub port: u16,
 }
@@ -75,7 +79,7 @@ pub fn authorize(policy: &InboundPolicy, req: &Request<'_>) -> Decision {
     if let Some(deny) = policy
         .authorizations
         .iter()
-        .find(|a| action(a) == Some(Action::Deny) && matches(a, req))
+        .find(|a| action(a) == Some(Action::Deny) && matches(a, req, Action::Deny))
     {
         return Decision::Deny(DeniedBy::Policy(deny.name.clone()));
     }
@@ -85,7 +89,7 @@ pub fn authorize(policy: &InboundPolicy, req: &Request<'_>) -> Decision {
         .filter(|a| action(a) == Some(Action::Allow))
         .peekable();
     if allows.peek().is_some() {
-        return match allows.find(|a| matches(a, req)) {
+        return match allows.find(|a| matches(a, req, Action::Allow)) {
             Some(a) => Decision::Allow(Some(a.name.clone())),
             None => Decision::Deny(DeniedBy::NoAllowMatched),
         };
@@ -98,10 +102,10 @@ pub fn authorize(policy: &InboundPolicy, req: &Request<'_>) -> Decision {
     }
 }
 
-fn matches(a: &Authorization, req: &Request<'_>) -> bool {
+fn matches(a: &Authorization, req: &Request<'_>, action: Action) -> bool {
     a.rules.iter().any(|rule| {
         (rule.from.is_empty() || rule.from.iter().any(|s| source_matches(s, req.client)))
-            && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, req)))
+            && (rule.to.is_empty() || rule.to.iter().any(|o| operation_matches(o, req, action)))
     })
 }
 
@@ -119,12 +123,21 @@ fn source_matches(s: &Source, client: Option<&SpiffeId>) -> bool {
         && !s.not_namespaces.iter().any(|p| glob(p, id.namespace()))
 }
 
-fn operation_matches(o: &Operation, req: &Request<'_>) -> bool {
-    all_or_any(&o.methods, req.method)
-        && all_or_any(&o.paths, req.path)
-        && (o.ports.is_empty() || o.ports.contains(&u32::from(req.port)))
-        && !o.not_methods.iter().any(|p| glob(p, req.method))
-        && !o.not_paths.iter().any(|p| glob(p, req.path))
+fn operation_matches(o: &Operation, req: &Request<'_>, action: Action) -> bool {
+    let port = o.ports.is_empty() || o.ports.contains(&u32::from(req.port));
+    match req.http {
+        Some((method, path)) => {
+            port && all_or_any(&o.methods, method)
+                && all_or_any(&o.paths, path)
+                && !o.not_methods.iter().any(|p| glob(p, method))
+                && !o.not_paths.iter().any(|p| glob(p, path))
+        }
+        None => {
+            let asks_http =
+                !(o.methods.is_empty() && o.paths.is_empty() && o.not_methods.is_empty() && o.not_paths.is_empty());
+            port && (!asks_http || action == Action::Deny)
+        }
+    }
 }
 
 /// An empty list matches everything; otherwise some pattern must match.
@@ -178,8 +191,7 @@ mod tests {
     fn req<'a>(client: Option<&'a SpiffeId>, path: &'a str) -> Request<'a> {
         Request {
             client,
-            method: "GET",
-            path,
+            http: Some(("GET", path)),
             port: 8080,
         }
     }
@@ -230,6 +242,34 @@ mod tests {
         );
         let anyone = policy(vec![], DefaultInboundPolicy::AllUnauthenticated);
         assert_eq!(authorize(&anyone, &req(None, "/")), Decision::Allow(None));
+    }
+
+    #[test]
+    fn an_opaque_stream_is_never_let_in_by_http_fields_and_is_denied_by_them() {
+        let web: SpiffeId = "spiffe://cluster.local/ns/default/sa/web".parse().unwrap();
+        let tcp = Request {
+            client: Some(&web),
+            http: None,
+            port: 8080,
+        };
+        let by_path = policy(
+            vec![authz("api.default", Action::Allow, &["*"], &["/api/*"])],
+            DefaultInboundPolicy::AllAuthenticated,
+        );
+        assert_eq!(authorize(&by_path, &tcp), Decision::Deny(DeniedBy::NoAllowMatched));
+        let by_client = policy(
+            vec![authz("web.default", Action::Allow, &["*/sa/web"], &[])],
+            DefaultInboundPolicy::Deny,
+        );
+        assert_eq!(authorize(&by_client, &tcp), Decision::Allow(Some("web.default".into())));
+        let deny_admin = policy(
+            vec![authz("no-admin.default", Action::Deny, &["*"], &["/admin*"])],
+            DefaultInboundPolicy::AllAuthenticated,
+        );
+        assert_eq!(
+            authorize(&deny_admin, &tcp),
+            Decision::Deny(DeniedBy::Policy("no-admin.default".into()))
+        );
     }
 
     #[test]

@@ -18,9 +18,21 @@ pub const CLIENT_ID: HeaderName = HeaderName::from_static("wary-client-id");
 /// Between proxies: the app port the request is for on the peer's workload.
 pub const DST_PORT: HeaderName = HeaderName::from_static("wary-dst-port");
 
-/// Between proxies: the protocol the client spoke (`h1` or `h2`), restored on the far
-/// side.
+/// Between proxies: the protocol the client spoke, restored on the far side: `h1`,
+/// `h2`, `tcp` (an opaque stream, in a `CONNECT`) or `h1-upgrade` (an HTTP/1.1
+/// `Upgrade` request, in a `CONNECT`).
 pub const ORIG_PROTO: HeaderName = HeaderName::from_static("wary-orig-proto");
+
+/// Between proxies, on an `h1-upgrade` `CONNECT`: the protocol asked for (the
+/// `Upgrade` value, e.g. `websocket`); on its 200 answer, the protocol the app switched
+/// to. An answer without it means the app declined.
+pub const UPGRADE: HeaderName = HeaderName::from_static("wary-upgrade");
+
+/// Between proxies, on an `h1-upgrade` `CONNECT`: the original method and path (with
+/// query), which a `CONNECT` has no place for.
+pub const METHOD: HeaderName = HeaderName::from_static("wary-method");
+/// See [`METHOD`].
+pub const PATH: HeaderName = HeaderName::from_static("wary-path");
 
 /// On responses the proxy generated itself: a short machine-readable cause, e.g.
 /// `no-endpoints`, `connect-failed`, `tls-wrong_identity`.
@@ -64,7 +76,7 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes the headers only proxies may set, so nothing outside can forge them.
 pub fn strip_mesh_headers(headers: &mut HeaderMap) {
-    for name in [CLIENT_ID, DST_PORT, ORIG_PROTO] {
+    for name in [CLIENT_ID, DST_PORT, ORIG_PROTO, UPGRADE, METHOD, PATH] {
         headers.remove(name);
     }
 }
@@ -75,6 +87,87 @@ pub fn relay(response: Response<hyper::body::Incoming>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     Response::from_parts(parts, body.boxed())
+}
+
+/// An empty body.
+pub fn empty() -> Body {
+    full(Bytes::new())
+}
+
+/// The largest header block (headers or trailers, HPACK-decoded) accepted on an
+/// HTTP/2 connection: 64 KiB. hyper's default, 16 KiB, cuts off gRPC errors whose
+/// trailers carry rich details; Envoy accepts 60 KiB by default. Per stream, so a
+/// hostile peer is still bounded.
+pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
+
+/// How long a request that says `Expect: 100-continue` keeps its body back while the
+/// server may still refuse it: 1 s, the wait curl and Go's `net/http` allow the server
+/// before they send the body anyway.
+///
+/// The proxy cannot relay the server's `100 Continue` across the mesh (hyper carries no
+/// informational responses over HTTP/2), so it holds the client's body until the server
+/// answers — then the body is never sent, as the client intended — or this much time
+/// has passed.
+pub const EXPECT_CONTINUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A request body that is not read until [`EXPECT_CONTINUE_WAIT`] has passed; the
+/// client is sent `100 Continue` only when the body is first read.
+pub struct ExpectContinue<B> {
+    inner: B,
+    wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<B> ExpectContinue<B> {
+    /// Holds back `inner`.
+    pub fn new(inner: B) -> Self {
+        Self {
+            inner,
+            wait: Some(Box::pin(tokio::time::sleep(EXPECT_CONTINUE_WAIT))),
+        }
+    }
+}
+
+impl<B: hyper::body::Body + Unpin> hyper::body::Body for ExpectContinue<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        if let Some(wait) = self.wait.as_mut() {
+            std::task::ready!(std::future::Future::poll(wait.as_mut(), cx));
+            self.wait = None;
+        }
+        std::pin::Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Whether a request asks `Expect: 100-continue` (RFC 9110 §10.1.1) and has a body.
+pub fn expects_continue<B: hyper::body::Body>(req: &http::Request<B>) -> bool {
+    !req.body().is_end_stream()
+        && req
+            .headers()
+            .get(header::EXPECT)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
+}
+
+/// The request body to send on: held back per [`ExpectContinue`] when the client
+/// asked to wait for the server.
+pub fn request_body(expect_continue: bool, body: hyper::body::Incoming) -> Body {
+    if expect_continue {
+        ExpectContinue::new(body).boxed()
+    } else {
+        body.boxed()
+    }
 }
 
 /// A small body.

@@ -11,18 +11,20 @@
 //! counted by reason, and the connection closed.
 
 use std::convert::Infallible;
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use tokio::net::TcpListener;
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use wary_certs::SpiffeId;
 use wary_certs::tls::{HandshakeFailure, peer_identity};
@@ -31,6 +33,7 @@ use crate::authorize;
 use crate::http::{self as h, Body, error_response};
 use crate::metrics as m;
 use crate::state::Cache;
+use crate::tunnel;
 
 /// The most TLS handshakes in progress at once: 1024.
 pub const MAX_HANDSHAKES: usize = 1024;
@@ -68,7 +71,10 @@ impl Inbound {
             policy,
             reserved,
             http1: Client::builder(TokioExecutor::new()).build_http(),
-            http2: Client::builder(TokioExecutor::new()).http2_only(true).build_http(),
+            http2: Client::builder(TokioExecutor::new())
+                .http2_only(true)
+                .http2_max_header_list_size(h::MAX_HEADER_LIST_SIZE)
+                .build_http(),
         }
     }
 
@@ -170,6 +176,7 @@ impl Inbound {
                     async move { Ok::<_, Infallible>(inbound.handle(req, &client).await) }
                 });
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .max_header_list_size(h::MAX_HEADER_LIST_SIZE)
                     .timer(TokioTimer::new())
                     .serve_connection(TokioIo::new(tls), service)
                     .await;
@@ -179,9 +186,8 @@ impl Inbound {
 
     async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let client = &peer.id;
-        let (mut parts, body) = req.into_parts();
-        let port = parts
-            .headers
+        let port = req
+            .headers()
             .get(h::DST_PORT)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u16>().ok());
@@ -195,40 +201,86 @@ impl Inbound {
         if let Some(refused) = self.refuse_port(port) {
             return refused;
         }
-        let state = self.cache.load();
-        if let Some(policy) = state.inbound.items.get(&self.policy) {
-            let request = authorize::Request {
-                client: Some(client),
-                method: parts.method.as_str(),
-                path: parts.uri.path(),
-                port,
-            };
-            let decision = authorize::authorize(policy, &request);
-            let (verdict, label) = match &decision {
-                authorize::Decision::Allow(_) => ("allow", decision.policy_label()),
-                authorize::Decision::Deny(_) => ("deny", decision.policy_label()),
-            };
-            metrics::counter!(m::AUTHORIZATIONS, "decision" => verdict, "policy" => label.to_string()).increment(1);
-            if let authorize::Decision::Deny(by) = decision {
-                let grpc = parts
-                    .headers
-                    .get(http::header::CONTENT_TYPE)
-                    .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
-                let message = format!(
-                    "{client} may not {} {} on {}: denied by {by}",
-                    parts.method,
-                    parts.uri.path(),
-                    self.policy
+        let proto = req.headers().get(h::ORIG_PROTO).map(HeaderValue::as_bytes);
+        let kind = match (req.method() == Method::CONNECT, proto) {
+            (false, Some(b"h2")) => Kind::Http2,
+            (false, _) => Kind::Http1,
+            (true, Some(b"tcp")) => Kind::Tcp,
+            (true, Some(b"h1-upgrade")) => Kind::Upgrade,
+            (true, _) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "not-mesh",
+                    "a CONNECT between proxies names its protocol in wary-orig-proto (tcp or h1-upgrade)".into(),
                 );
-                tracing::debug!(%message, "denied");
-                return if grpc {
-                    h::grpc_error(7, "forbidden", message)
-                } else {
-                    error_response(StatusCode::FORBIDDEN, "forbidden", message)
-                };
             }
+        };
+        let header = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+        let (method, path) = match kind {
+            Kind::Http1 | Kind::Http2 => (Some(req.method().as_str()), Some(req.uri().path())),
+            Kind::Upgrade => (
+                header(h::METHOD),
+                header(h::PATH).map(|p| p.split('?').next().unwrap_or(p)),
+            ),
+            Kind::Tcp => (None, None),
+        };
+        if let Some(denied) = self.authorize(client, method, path, port, req.headers()) {
+            return denied;
         }
-        let http2 = parts.headers.get(h::ORIG_PROTO).is_some_and(|v| v == "h2");
+        metrics::counter!(m::REQUESTS, "direction" => "inbound", "service" => "local").increment(1);
+        let app = std::net::SocketAddr::new(self.app_ip, port);
+        match kind {
+            Kind::Tcp => self.tunnel_tcp(req, app).await,
+            Kind::Upgrade => self.tunnel_upgrade(req, app, peer).await,
+            Kind::Http1 | Kind::Http2 => self.forward(req, app, peer, kind == Kind::Http2).await,
+        }
+    }
+
+    /// The verdict on a request (`method` and `path` are `None` for an opaque stream):
+    /// `None` to go on, or the refusal to send.
+    fn authorize(
+        &self,
+        client: &SpiffeId,
+        method: Option<&str>,
+        path: Option<&str>,
+        port: u16,
+        headers: &http::HeaderMap,
+    ) -> Option<Response<Body>> {
+        let state = self.cache.load();
+        let policy = state.inbound.items.get(&self.policy)?;
+        let request = authorize::Request {
+            client: Some(client),
+            http: method.zip(path),
+            port,
+        };
+        let decision = authorize::authorize(policy, &request);
+        let (verdict, label) = match &decision {
+            authorize::Decision::Allow(_) => ("allow", decision.policy_label()),
+            authorize::Decision::Deny(_) => ("deny", decision.policy_label()),
+        };
+        metrics::counter!(m::AUTHORIZATIONS, "decision" => verdict, "policy" => label.to_string()).increment(1);
+        let authorize::Decision::Deny(by) = decision else {
+            return None;
+        };
+        let what = match method.zip(path) {
+            Some((method, path)) => format!("{method} {path}"),
+            None => "open a TCP stream".to_string(),
+        };
+        let message = format!("{client} may not {what} on {} port {port}: denied by {by}", self.policy);
+        tracing::debug!(%message, "denied");
+        let grpc = headers
+            .get(http::header::CONTENT_TYPE)
+            .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"));
+        Some(if grpc {
+            h::grpc_error(7, "forbidden", message)
+        } else {
+            error_response(StatusCode::FORBIDDEN, "forbidden", message)
+        })
+    }
+
+    /// A request and its response, in the client's protocol.
+    async fn forward(&self, req: Request<Incoming>, app: SocketAddr, peer: &Peer, http2: bool) -> Response<Body> {
+        let (mut parts, body) = req.into_parts();
         h::strip_hop_by_hop(&mut parts.headers);
         h::strip_mesh_headers(&mut parts.headers);
         parts.headers.insert(h::CLIENT_ID, peer.header.clone());
@@ -240,24 +292,149 @@ impl Inbound {
             parts.headers.insert(http::header::HOST, host);
         }
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-        parts.uri = match format!("http://{}{path}", std::net::SocketAddr::new(self.app_ip, port)).parse::<Uri>() {
-            Ok(uri) => uri,
-            Err(_) => return error_response(StatusCode::BAD_REQUEST, "bad-path", "request path is invalid".into()),
+        parts.uri = match app_uri(app, path) {
+            Some(uri) => uri,
+            None => return error_response(StatusCode::BAD_REQUEST, "bad-path", "request path is invalid".into()),
         };
         parts.version = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
-        let app = if http2 { &self.http2 } else { &self.http1 };
-        metrics::counter!(m::REQUESTS, "direction" => "inbound", "service" => "local").increment(1);
-        match app.request(Request::from_parts(parts, body.boxed())).await {
+        let client = if http2 { &self.http2 } else { &self.http1 };
+        match client.request(Request::from_parts(parts, body.boxed())).await {
             Ok(response) => h::relay(response),
-            Err(e) => error_response(
+            Err(e) => app_unavailable(app, &e),
+        }
+    }
+
+    /// An opaque stream: a TCP connection to the app, joined to the peer's `CONNECT`.
+    async fn tunnel_tcp(&self, mut req: Request<Incoming>, app: SocketAddr) -> Response<Body> {
+        let Some(downstream) = req.extensions_mut().remove::<OnUpgrade>() else {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad-connect",
+                "this CONNECT cannot be tunnelled".into(),
+            );
+        };
+        match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(app)).await {
+            Ok(Ok(tcp)) => {
+                let _ = tcp.set_nodelay(true);
+                tunnel::spawn_bridge(downstream, tcp, app.to_string(), ());
+                Response::new(h::empty())
+            }
+            Ok(Err(e)) => error_response(
                 StatusCode::BAD_GATEWAY,
                 "app-unavailable",
-                format!(
-                    "the app at {}:{port} did not answer: {}",
-                    self.app_ip,
-                    crate::control::causes(&e)
-                ),
+                format!("the app at {app} did not answer: {e}"),
+            ),
+            Err(_) => error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "app-unavailable",
+                format!("the app at {app} did not accept within {APP_CONNECT_TIMEOUT:?}"),
             ),
         }
     }
+
+    /// An HTTP/1.1 `Upgrade`: the request rebuilt for the app; if the app switches
+    /// protocols, its connection is joined to the peer's `CONNECT`.
+    async fn tunnel_upgrade(&self, mut req: Request<Incoming>, app: SocketAddr, peer: &Peer) -> Response<Body> {
+        let Some(downstream) = req.extensions_mut().remove::<OnUpgrade>() else {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad-connect",
+                "this CONNECT cannot be tunnelled".into(),
+            );
+        };
+        let (parts, _) = req.into_parts();
+        let mut headers = parts.headers;
+        let take =
+            |headers: &mut http::HeaderMap, name| headers.remove(name).and_then(|v| v.to_str().ok().map(str::to_owned));
+        let (Some(method), Some(path), Some(protocol)) = (
+            take(&mut headers, h::METHOD).and_then(|m| Method::from_bytes(m.as_bytes()).ok()),
+            take(&mut headers, h::PATH),
+            headers.remove(h::UPGRADE),
+        ) else {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "not-mesh",
+                "an h1-upgrade CONNECT carries wary-method, wary-path and wary-upgrade".into(),
+            );
+        };
+        let Some(uri) = app_uri(app, &path) else {
+            return error_response(StatusCode::BAD_REQUEST, "bad-path", "request path is invalid".into());
+        };
+        h::strip_hop_by_hop(&mut headers);
+        h::strip_mesh_headers(&mut headers);
+        headers.insert(h::CLIENT_ID, peer.header.clone());
+        if let Some(authority) = parts.uri.authority()
+            && let Ok(host) = HeaderValue::from_str(authority.as_str())
+        {
+            headers.insert(http::header::HOST, host);
+        }
+        tunnel::ask_upgrade(&mut headers, protocol);
+        let mut upgrade = Request::new(h::empty());
+        *upgrade.method_mut() = method;
+        *upgrade.uri_mut() = uri;
+        *upgrade.headers_mut() = headers;
+        let mut response = match self.http1.request(upgrade).await {
+            Ok(response) => response,
+            Err(e) => return app_unavailable(app, &e),
+        };
+        let status = response.status();
+        if status == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(upstream) = response.extensions_mut().remove::<OnUpgrade>()
+        {
+            let switched = response.headers().get(http::header::UPGRADE).cloned();
+            let (mut parts, _) = response.into_parts();
+            h::strip_hop_by_hop(&mut parts.headers);
+            if let Some(protocol) = switched {
+                parts.headers.insert(h::UPGRADE, protocol);
+            }
+            parts.status = StatusCode::OK;
+            tunnel::spawn_joined(downstream, upstream, app.to_string(), ());
+            return Response::from_parts(parts, h::empty());
+        }
+        if status != StatusCode::OK {
+            return h::relay(response);
+        }
+        // Declined with a 200: a 200 opens the peer's tunnel, so the body goes through it.
+        let (mut parts, body) = response.into_parts();
+        h::strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(http::header::CONTENT_LENGTH);
+        tokio::spawn(async move {
+            let Ok(down) = downstream.await else { return };
+            let mut down = TokioIo::new(down);
+            let mut body = std::pin::pin!(body);
+            while let Some(Ok(frame)) = body.frame().await {
+                if let Ok(data) = frame.into_data()
+                    && down.write_all(&data).await.is_err()
+                {
+                    return;
+                }
+            }
+            let _ = down.shutdown().await;
+        });
+        Response::from_parts(parts, h::empty())
+    }
+}
+
+/// What a peer's request carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Http1,
+    Http2,
+    Tcp,
+    Upgrade,
+}
+
+/// How long the inbound waits for the app to accept a tunnelled TCP connection: 1 s.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+fn app_uri(app: SocketAddr, path: &str) -> Option<Uri> {
+    format!("http://{app}{path}").parse().ok()
+}
+
+fn app_unavailable(app: SocketAddr, e: &hyper_util::client::legacy::Error) -> Response<Body> {
+    error_response(
+        StatusCode::BAD_GATEWAY,
+        "app-unavailable",
+        format!("the app at {app} did not answer: {}", crate::control::causes(e)),
+    )
 }

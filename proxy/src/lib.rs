@@ -14,6 +14,8 @@
 //! * [`admin`], [`metrics`]: what operators see.
 //!
 //! * [`balance`]: P2C over Peak-EWMA, fed by the time to each response's first byte.
+//! * [`tunnel`]: opaque TCP (`CONNECT`) and HTTP/1.1 `Upgrade`, carried as HTTP/2
+//!   `CONNECT` streams between proxies.
 //!
 //! Resilience (timeouts, retries, circuit breaking) joins as it lands.
 
@@ -32,3 +34,4 @@ pub mod outbound;
 pub mod pool;
 pub mod routes;
 pub mod state;
+pub mod tunnel;

@@ -19,14 +19,16 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use http::uri::{Authority, Scheme};
-use http::{HeaderValue, Request, Response, StatusCode, Uri, Version};
+use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
+use hyper::client::conn::http2::SendRequest;
 use hyper::service::service_fn;
+use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use wary_certs::SpiffeId;
 
 use crate::balance::{Balancers, Pick};
@@ -36,6 +38,7 @@ use crate::http::{self as h, Body, error_response};
 use crate::metrics as m;
 use crate::pool::{ConnectError, PeerPool};
 use crate::state::Cache;
+use crate::tunnel;
 
 /// The outbound proxy.
 pub struct Outbound {
@@ -60,7 +63,7 @@ impl Outbound {
         ));
         let mut connector = HttpConnector::new();
         // Linkerd's connect timeout, also outside the mesh.
-        connector.set_connect_timeout(Some(Duration::from_secs(1)));
+        connector.set_connect_timeout(Some(PASSTHROUGH_CONNECT_TIMEOUT));
         connector.set_nodelay(true);
         Self {
             pool,
@@ -95,27 +98,54 @@ impl Outbound {
                     let outbound = outbound.clone();
                     async move { Ok::<_, Infallible>(outbound.handle(req).await) }
                 });
-                let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(tcp), service)
-                    .await;
+                let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+                // A client that shuts its side down after sending a request still
+                // awaits the answer (RFC 9112 §9.6): that is not a cancellation.
+                server.http1().half_close(true);
+                server.http2().max_header_list_size(h::MAX_HEADER_LIST_SIZE);
+                let _ = server.serve_connection_with_upgrades(TokioIo::new(tcp), service).await;
             });
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
         let Some(dst) = destination(&req) else {
             return error_response(
                 StatusCode::BAD_REQUEST,
                 "no-destination",
-                "no destination: send an absolute-form URI (HTTP_PROXY) or a Host header".into(),
+                "no destination: send an absolute-form URI (HTTP_PROXY), a Host header, or CONNECT host:port".into(),
             );
+        };
+        let mode = if req.method() == Method::CONNECT {
+            let Some(downstream) = req.extensions_mut().remove::<OnUpgrade>() else {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad-connect",
+                    "CONNECT cannot be tunnelled here".into(),
+                );
+            };
+            if dst.port_u16().is_none() {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad-connect",
+                    format!("CONNECT {dst}: name the port, as in CONNECT host:port"),
+                );
+            }
+            Mode::Tcp(downstream)
+        } else if let Some(protocol) = tunnel::upgrade_protocol(&req) {
+            match req.extensions_mut().remove::<OnUpgrade>() {
+                Some(downstream) => Mode::Upgrade(protocol, downstream),
+                None => Mode::Http,
+            }
+        } else {
+            Mode::Http
         };
         let port = dst.port_u16().unwrap_or(80);
         let routes = self.routes.load();
         let route = routes.resolve(dst.host(), &self.namespace);
         let Some((route, targets)) = route.and_then(|r| Some((r, r.ports.get(&port)?))) else {
             metrics::counter!(m::REQUESTS, "direction" => "outbound", "service" => "passthrough").increment(1);
-            return self.forward_plain(req, dst, None, None).await;
+            return self.forward_plain(req, mode, dst, None, None).await;
         };
         route.requests.increment(1);
         let Some(pick) = route.balancer.pick(&targets.addrs, &route.settings) else {
@@ -129,76 +159,184 @@ impl Outbound {
         match &target.via {
             Via::Plain => {
                 let to = target.app;
-                self.forward_plain(req, dst, Some(to), Some(pick)).await
+                self.forward_plain(req, mode, dst, Some(to), Some(pick)).await
             }
             Via::Mesh { peer, identity } => {
                 let (peer, identity, app_port) = (*peer, identity.clone(), target.app.port());
                 drop(routes);
-                self.forward_mesh(req, &dst, peer, &identity, u32::from(app_port), pick)
-                    .await
+                let hop = Hop {
+                    dst: &dst,
+                    peer,
+                    identity: &identity,
+                    app_port: u32::from(app_port),
+                };
+                match mode {
+                    Mode::Http => self.forward_mesh(req, &hop, pick).await,
+                    tunnel => self.tunnel_mesh(req, tunnel, &hop, pick).await,
+                }
             }
         }
     }
 
     /// Over the mesh: HTTP/2 over mTLS to the peer proxy.
-    async fn forward_mesh(
-        &self,
-        req: Request<Incoming>,
-        dst: &Authority,
-        peer: SocketAddr,
-        identity: &SpiffeId,
-        app_port: u32,
-        mut pick: Pick,
-    ) -> Response<Body> {
+    async fn forward_mesh(&self, req: Request<Incoming>, hop: &Hop<'_>, mut pick: Pick) -> Response<Body> {
+        let expect_continue = h::expects_continue(&req);
         let (mut parts, body) = req.into_parts();
         let proto = if parts.version == Version::HTTP_2 { "h2" } else { "h1" };
         h::strip_hop_by_hop(&mut parts.headers);
         h::strip_mesh_headers(&mut parts.headers);
-        parts.headers.insert(h::DST_PORT, HeaderValue::from(app_port));
+        parts.headers.insert(h::DST_PORT, HeaderValue::from(hop.app_port));
         parts.headers.insert(h::ORIG_PROTO, HeaderValue::from_static(proto));
         parts.headers.remove(http::header::HOST);
-        parts.uri = with_authority(&parts.uri, dst);
+        parts.uri = with_authority(&parts.uri, hop.dst);
         parts.version = Version::HTTP_2;
-        let mut sender = match self.pool.get(peer, identity).await {
+        let mut sender = match self.pool.get(hop.peer, hop.identity).await {
             Ok(s) => s,
             Err(e) => return connect_error(&e),
         };
-        match sender.send_request(Request::from_parts(parts, body.boxed())).await {
+        let body = h::request_body(expect_continue, body);
+        match sender.send_request(Request::from_parts(parts, body)).await {
             Ok(response) => {
                 pick.first_byte();
                 hold_until_body_ends(h::relay(response), pick)
             }
-            Err(e) => {
-                // One failed stream (a reset, an aborted upload) is no reason to drop a
-                // multiplexed connection; a closed one is.
-                if sender.is_closed() {
-                    self.pool.evict(peer, identity);
-                }
-                error_response(
-                    StatusCode::BAD_GATEWAY,
-                    "peer-failed",
-                    format!("request to {peer} failed: {e}"),
-                )
-            }
+            Err(e) => self.peer_failed(&sender, hop, &e),
         }
     }
 
+    /// A tunnel over the mesh: one HTTP/2 `CONNECT` stream to the peer proxy, carrying
+    /// an opaque stream or an upgraded HTTP/1.1 connection (see [`tunnel`]).
+    async fn tunnel_mesh(&self, req: Request<Incoming>, mode: Mode, hop: &Hop<'_>, mut pick: Pick) -> Response<Body> {
+        let (parts, _) = req.into_parts();
+        let mut connect = Request::new(h::empty());
+        *connect.method_mut() = Method::CONNECT;
+        *connect.uri_mut() = Uri::from(hop.dst.clone());
+        let headers = connect.headers_mut();
+        let (downstream, asked) = match mode {
+            Mode::Tcp(downstream) => {
+                headers.insert(h::ORIG_PROTO, HeaderValue::from_static("tcp"));
+                (downstream, None)
+            }
+            Mode::Upgrade(protocol, downstream) => {
+                *headers = parts.headers;
+                h::strip_hop_by_hop(headers);
+                h::strip_mesh_headers(headers);
+                headers.remove(http::header::HOST);
+                headers.insert(h::ORIG_PROTO, HeaderValue::from_static("h1-upgrade"));
+                headers.insert(h::UPGRADE, protocol.clone());
+                headers.insert(
+                    h::METHOD,
+                    HeaderValue::from_str(parts.method.as_str()).expect("methods are tokens"),
+                );
+                let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+                headers.insert(h::PATH, HeaderValue::from_str(path).expect("paths are visible ASCII"));
+                (downstream, Some(protocol))
+            }
+            Mode::Http => unreachable!("plain requests are not tunnelled"),
+        };
+        headers.insert(h::DST_PORT, HeaderValue::from(hop.app_port));
+        let mut sender = match self.pool.get(hop.peer, hop.identity).await {
+            Ok(s) => s,
+            Err(e) => return connect_error(&e),
+        };
+        let mut response = match sender.send_request(connect).await {
+            Ok(response) => response,
+            Err(e) => return self.peer_failed(&sender, hop, &e),
+        };
+        pick.first_byte();
+        if response.status() != StatusCode::OK {
+            // Refused (authorization, the app's port closed...) or the app answered the
+            // upgrade with an error: relayed as is.
+            return hold_until_body_ends(h::relay(response), pick);
+        }
+        let Some(upstream) = response.extensions_mut().remove::<OnUpgrade>() else {
+            return error_response(
+                StatusCode::BAD_GATEWAY,
+                "peer-failed",
+                "the peer's tunnel did not open".into(),
+            );
+        };
+        let what = format!("{} via {}", hop.dst, hop.peer);
+        let switched = response.headers().get(h::UPGRADE).cloned();
+        let (mut parts, _) = response.into_parts();
+        h::strip_hop_by_hop(&mut parts.headers);
+        h::strip_mesh_headers(&mut parts.headers);
+        match (asked, switched) {
+            (None, _) => {
+                tunnel::spawn_joined(downstream, upstream, what, pick);
+                Response::new(h::empty())
+            }
+            (Some(_), Some(protocol)) => {
+                tunnel::ask_upgrade(&mut parts.headers, protocol);
+                parts.status = StatusCode::SWITCHING_PROTOCOLS;
+                tunnel::spawn_joined(downstream, upstream, what, pick);
+                Response::from_parts(parts, h::empty())
+            }
+            // The app answered 200 without switching: its body follows in the stream.
+            (Some(_), None) => match upstream.await {
+                Ok(up) => Response::from_parts(parts, tunnel::body_from(TokioIo::new(up))),
+                Err(e) => error_response(StatusCode::BAD_GATEWAY, "peer-failed", format!("{what}: {e}")),
+            },
+        }
+    }
+
+    fn peer_failed(&self, sender: &SendRequest<Body>, hop: &Hop<'_>, e: &hyper::Error) -> Response<Body> {
+        // One failed stream (a reset, an aborted upload) is no reason to drop a
+        // multiplexed connection; a closed one is.
+        if sender.is_closed() {
+            self.pool.evict(hop.peer, hop.identity);
+        }
+        error_response(
+            StatusCode::BAD_GATEWAY,
+            "peer-failed",
+            format!("request to {} failed: {e}", hop.peer),
+        )
+    }
+
     /// Outside the mesh (or to an endpoint without a proxy): plain HTTP/1.1 to `to`, or
-    /// to the destination itself.
+    /// to the destination itself; a tunnel is a TCP connection there.
     async fn forward_plain(
         &self,
         req: Request<Incoming>,
+        mode: Mode,
         dst: Authority,
         to: Option<SocketAddr>,
         pick: Option<Pick>,
     ) -> Response<Body> {
-        let (mut parts, body) = req.into_parts();
-        h::strip_hop_by_hop(&mut parts.headers);
-        h::strip_mesh_headers(&mut parts.headers);
         let target = match to {
             Some(addr) => Authority::try_from(addr.to_string().as_str()).unwrap_or(dst.clone()),
             None => dst.clone(),
         };
+        let expect_continue = h::expects_continue(&req);
+        let (mut parts, body) = req.into_parts();
+        let protocol = match mode {
+            Mode::Tcp(downstream) => {
+                let connect = tokio::time::timeout(
+                    PASSTHROUGH_CONNECT_TIMEOUT,
+                    TcpStream::connect((target.host(), target.port_u16().unwrap_or(80))),
+                );
+                return match connect.await {
+                    Ok(Ok(tcp)) => {
+                        let _ = tcp.set_nodelay(true);
+                        tunnel::spawn_bridge(downstream, tcp, target.to_string(), pick);
+                        Response::new(h::empty())
+                    }
+                    Ok(Err(e)) => error_response(StatusCode::BAD_GATEWAY, "connect-failed", format!("{target}: {e}")),
+                    Err(_) => error_response(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "connect-failed",
+                        format!("{target}: no answer within {PASSTHROUGH_CONNECT_TIMEOUT:?}"),
+                    ),
+                };
+            }
+            Mode::Upgrade(protocol, downstream) => Some((protocol, downstream)),
+            Mode::Http => None,
+        };
+        h::strip_hop_by_hop(&mut parts.headers);
+        h::strip_mesh_headers(&mut parts.headers);
+        if let Some((protocol, _)) = &protocol {
+            tunnel::ask_upgrade(&mut parts.headers, protocol.clone());
+        }
         if !parts.headers.contains_key(http::header::HOST)
             && let Ok(host) = HeaderValue::from_str(dst.as_str())
         {
@@ -206,22 +344,57 @@ impl Outbound {
         }
         parts.uri = with_authority(&parts.uri, &target);
         parts.version = Version::HTTP_11;
-        match self.passthrough.request(Request::from_parts(parts, body.boxed())).await {
-            Ok(response) => match pick {
-                Some(mut pick) => {
-                    pick.first_byte();
-                    hold_until_body_ends(h::relay(response), pick)
-                }
-                None => h::relay(response),
-            },
-            Err(e) => error_response(
-                StatusCode::BAD_GATEWAY,
-                "connect-failed",
-                format!("{target}: {}", crate::control::causes(&e)),
-            ),
+        let body = h::request_body(expect_continue, body);
+        let mut response = match self.passthrough.request(Request::from_parts(parts, body)).await {
+            Ok(response) => response,
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "connect-failed",
+                    format!("{target}: {}", crate::control::causes(&e)),
+                );
+            }
+        };
+        if let Some((_, downstream)) = protocol
+            && response.status() == StatusCode::SWITCHING_PROTOCOLS
+            && let Some(upstream) = response.extensions_mut().remove::<OnUpgrade>()
+        {
+            // The 101 keeps its Connection and Upgrade headers: they are this hop's too.
+            let (parts, _) = response.into_parts();
+            let what = target.to_string();
+            tunnel::spawn_joined(downstream, upstream, what, pick);
+            return Response::from_parts(parts, h::empty());
+        }
+        match pick {
+            Some(mut pick) => {
+                pick.first_byte();
+                hold_until_body_ends(h::relay(response), pick)
+            }
+            None => h::relay(response),
         }
     }
 }
+
+/// How a request travels.
+enum Mode {
+    /// A request and its response.
+    Http,
+    /// `CONNECT`: an opaque byte stream once the app's side is upgraded.
+    Tcp(OnUpgrade),
+    /// An HTTP/1.1 `Upgrade` to the protocol named.
+    Upgrade(HeaderValue, OnUpgrade),
+}
+
+/// One trip to a peer proxy.
+struct Hop<'a> {
+    dst: &'a Authority,
+    peer: SocketAddr,
+    identity: &'a SpiffeId,
+    app_port: u32,
+}
+
+/// How long a `CONNECT` outside the mesh waits for TCP: 1 s, Linkerd's connect timeout.
+const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// After every discovery update: rebuilds the route table, and forgets balancer
 /// statistics and pooled connections of endpoints that are gone, so the proxy's memory

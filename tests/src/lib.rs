@@ -12,6 +12,8 @@
 //! Every wait is on a condition with a generous deadline ([`DEADLINE`]); nothing sleeps
 //! for a fixed time.
 
+pub mod upstream;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -329,6 +331,18 @@ impl Proxy {
             _child: child,
             logs,
         }
+    }
+
+    /// Its peak resident memory so far (`VmHWM`), bytes.
+    pub fn peak_rss(&self) -> u64 {
+        let pid = self._child.id().expect("the proxy is running");
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/<pid>/status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmHWM in /proc/<pid>/status");
+        kib * 1024
     }
 
     /// The certificate as `/config_dump` shows it (identity, validity, issuer, anchors).
@@ -688,9 +702,10 @@ pub async fn load(proxy: SocketAddr, url: &str, rate: u32, duration: Duration) -
     }
 }
 
-/// Connects every request to the proxy, whatever its URI says (an `HTTP_PROXY` client).
+/// Connects every request to the proxy, whatever its URI says (an `HTTP_PROXY` client,
+/// or a gRPC client whose channel is pointed at the proxy).
 #[derive(Clone)]
-struct ProxyConnector(SocketAddr);
+pub struct ProxyConnector(pub SocketAddr);
 
 impl tower::Service<hyper::Uri> for ProxyConnector {
     type Response = hyper_util::rt::TokioIo<tokio::net::TcpStream>;

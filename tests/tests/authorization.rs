@@ -60,7 +60,7 @@ async fn policies_allow_deny_and_name_themselves() {
     let (status, text) = get(web.outbound, "/").await;
     assert_eq!(status, 403, "{text}");
     assert!(text.contains("wary-error: forbidden"), "{text}");
-    assert!(text.contains("spiffe://cluster.local/ns/default/sa/web may not GET / on backend-1.default: denied by no ALLOW policy matched"), "{text}");
+    assert!(text.contains("spiffe://cluster.local/ns/default/sa/web may not GET / on backend-1.default port 8080: denied by no ALLOW policy matched"), "{text}");
 
     // Allow web on /api/*, deny /api/admin*: DENY wins where both match.
     mesh.write(
