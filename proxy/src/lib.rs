@@ -14,6 +14,7 @@
 //! * [`admin`], [`metrics`]: what operators see.
 //!
 //! * [`balance`]: P2C over Peak-EWMA, fed by the time to each response's first byte.
+//! * [`detect`]: protocol detection and `SO_ORIGINAL_DST` for transparent mode.
 //! * [`tunnel`]: opaque TCP (`CONNECT`) and HTTP/1.1 `Upgrade`, carried as HTTP/2
 //!   `CONNECT` streams between proxies.
 //!
@@ -25,6 +26,7 @@ pub mod admin;
 pub mod authorize;
 pub mod balance;
 pub mod control;
+pub mod detect;
 pub mod discovery;
 pub mod http;
 pub mod identity;

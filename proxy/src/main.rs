@@ -19,7 +19,7 @@ use wary_proxy::identity::{IdentityConfig, TokenSource};
 use wary_proxy::inbound::Inbound;
 use wary_proxy::outbound::Outbound;
 use wary_proxy::pool::PeerPool;
-use wary_proxy::{admin::Admin, discovery, identity, metrics as m, state::Cache};
+use wary_proxy::{admin::Admin, detect, discovery, identity, metrics as m, state::Cache};
 
 /// Wary's sidecar proxy.
 #[derive(Parser, Debug)]
@@ -68,6 +68,11 @@ struct Args {
     /// the app listens. Default 127.0.0.1:4143.
     #[arg(long, env = "WARY_INBOUND_ADDR", default_value = "127.0.0.1:4143")]
     inbound_addr: SocketAddr,
+    /// Ports whose redirected connections are carried as opaque TCP without protocol
+    /// detection (transparent mode): servers that speak first, like SMTP and MySQL.
+    /// Comma-separated; an empty value turns detection on everywhere.
+    #[arg(long, env = "WARY_OPAQUE_PORTS", value_parser = PortList::parse, default_value_t = PortList(detect::DEFAULT_OPAQUE_PORTS.to_vec()))]
+    opaque_ports: PortList,
     /// TCP + TLS connect timeout to peers, ms (Linkerd's default).
     #[arg(long, env = "WARY_CONNECT_TIMEOUT_MS", default_value_t = 1000)]
     connect_timeout_ms: u64,
@@ -77,6 +82,31 @@ struct Args {
     /// Log format: `text` or `json`. The level is set with RUST_LOG (default `info`).
     #[arg(long, env = "WARY_LOG_FORMAT", default_value = "text")]
     log_format: String,
+}
+
+/// A comma-separated list of ports; empty for none.
+#[derive(Debug, Clone)]
+struct PortList(Vec<u16>);
+
+impl PortList {
+    fn parse(s: &str) -> Result<Self, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.parse()
+                    .map_err(|_| format!("{p:?} is not a port (1-65535); give ports like 25,3306"))
+            })
+            .collect::<Result<_, _>>()
+            .map(PortList)
+    }
+}
+
+impl std::fmt::Display for PortList {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ports: Vec<String> = self.0.iter().map(u16::to_string).collect();
+        f.write_str(&ports.join(","))
+    }
 }
 
 #[tokio::main]
@@ -160,7 +190,7 @@ async fn main() -> anyhow::Result<()> {
         creds.clone(),
         Duration::from_millis(args.connect_timeout_ms),
     ));
-    let outbound = Arc::new(Outbound::new(cache.clone(), pool, namespace));
+    let outbound = Arc::new(Outbound::new(cache.clone(), pool, namespace, args.opaque_ports.0));
     let admin = Admin {
         prometheus,
         cache: cache.clone(),

@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use arc_swap::ArcSwap;
+use bytes::BytesMut;
 use http::uri::{Authority, Scheme};
 use http::{HeaderValue, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::BodyExt;
@@ -34,6 +35,7 @@ use wary_certs::SpiffeId;
 use crate::balance::{Balancers, Pick};
 use crate::routes::{RouteTable, Via};
 
+use crate::detect::{self, Prefixed, Protocol};
 use crate::http::{self as h, Body, error_response};
 use crate::metrics as m;
 use crate::pool::{ConnectError, PeerPool};
@@ -47,12 +49,14 @@ pub struct Outbound {
     passthrough: Client<HttpConnector, Body>,
     balancers: Arc<Balancers>,
     routes: Arc<ArcSwap<RouteTable>>,
+    opaque_ports: Vec<u16>,
 }
 
 impl Outbound {
     /// Routes with the discovery state in `cache`, for a client in `namespace`, over
-    /// connections from `pool`.
-    pub fn new(cache: Arc<Cache>, pool: Arc<PeerPool>, namespace: String) -> Self {
+    /// connections from `pool`. Redirected connections to `opaque_ports` skip protocol
+    /// detection (default [`detect::DEFAULT_OPAQUE_PORTS`]).
+    pub fn new(cache: Arc<Cache>, pool: Arc<PeerPool>, namespace: String, opaque_ports: Vec<u16>) -> Self {
         let balancers = Arc::new(Balancers::default());
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(&cache.load(), &balancers)));
         tokio::spawn(follow_discovery(
@@ -71,6 +75,7 @@ impl Outbound {
             passthrough: Client::builder(TokioExecutor::new()).build(connector),
             balancers,
             routes,
+            opaque_ports,
         }
     }
 
@@ -79,8 +84,9 @@ impl Outbound {
         self.balancers.clone()
     }
 
-    /// Serves the app's connections on `listener` (HTTP/1.1, or HTTP/2 with prior
-    /// knowledge) until the process ends.
+    /// Serves the app's connections on `listener` until the process ends: HTTP/1.1 or
+    /// HTTP/2 with prior knowledge sent to the proxy (explicit mode), or any connection
+    /// iptables redirected here (transparent mode).
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         loop {
             let (tcp, _) = match listener.accept().await {
@@ -94,22 +100,114 @@ impl Outbound {
             let _ = tcp.set_nodelay(true);
             let outbound = self.clone();
             tokio::spawn(async move {
-                let service = service_fn(move |req| {
-                    let outbound = outbound.clone();
-                    async move { Ok::<_, Infallible>(outbound.handle(req).await) }
-                });
-                let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-                // A client that shuts its side down after sending a request still
-                // awaits the answer (RFC 9112 §9.6): that is not a cancellation.
-                server.http1().half_close(true);
-                server.http2().max_header_list_size(h::MAX_HEADER_LIST_SIZE);
-                let _ = server.serve_connection_with_upgrades(TokioIo::new(tcp), service).await;
+                match detect::original_dst(&tcp) {
+                    None => outbound.serve_http(tcp, None).await,
+                    Some(original) => outbound.transparent(tcp, original).await,
+                }
             });
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>) -> Response<Body> {
-        let Some(dst) = destination(&req) else {
+    /// A redirected connection: opaque at once on an opaque port, else as its first
+    /// bytes say.
+    async fn transparent(self: Arc<Self>, mut tcp: TcpStream, original: SocketAddr) {
+        let mut first = BytesMut::new();
+        let protocol = if self.opaque_ports.contains(&original.port()) {
+            Protocol::Opaque
+        } else {
+            detect::detect(&mut tcp, &mut first, detect::DETECT_TIMEOUT).await
+        };
+        let io = Prefixed::new(first.freeze(), tcp);
+        match protocol {
+            Protocol::Http => self.serve_http(io, Some(original)).await,
+            Protocol::Opaque => self.opaque(io, original).await,
+        }
+    }
+
+    /// HTTP on one connection; `original` is where a redirected connection was going.
+    async fn serve_http<I>(self: Arc<Self>, io: I, original: Option<SocketAddr>)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let service = service_fn(move |req| {
+            let outbound = self.clone();
+            async move { Ok::<_, Infallible>(outbound.handle(req, original).await) }
+        });
+        let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // A client that shuts its side down after sending a request still awaits the
+        // answer (RFC 9112 §9.6): that is not a cancellation.
+        server.http1().half_close(true);
+        server.http2().max_header_list_size(h::MAX_HEADER_LIST_SIZE);
+        let _ = server.serve_connection_with_upgrades(TokioIo::new(io), service).await;
+    }
+
+    /// An opaque stream that was going to `original`: to the endpoint's proxy in a
+    /// `CONNECT` tunnel, or as it is outside the mesh.
+    async fn opaque<I>(&self, io: I, original: SocketAddr)
+    where
+        I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let routes = self.routes.load();
+        let Some((route, targets)) = routes.by_original(original) else {
+            metrics::counter!(m::REQUESTS, "direction" => "outbound", "service" => "passthrough").increment(1);
+            drop(routes);
+            return match connect_plain(original).await {
+                Ok(tcp) => tunnel::bridge(io, tcp, &original.to_string()).await,
+                Err(e) => {
+                    tracing::info!(%original, error = %e, "opaque passthrough failed; closing the client's connection")
+                }
+            };
+        };
+        route.requests.increment(1);
+        let Some(mut pick) = route.balancer.pick(&targets.addrs, &route.settings) else {
+            tracing::info!(service = %route.name, "no ready endpoints; closing the client's connection");
+            return;
+        };
+        let target = targets.targets[pick.index].clone();
+        drop(routes);
+        let what = format!("{original} via {}", target.app);
+        match target.via {
+            Via::Plain => match connect_plain(target.app).await {
+                Ok(tcp) => {
+                    pick.first_byte();
+                    tunnel::bridge(io, tcp, &what).await;
+                }
+                Err(e) => tracing::info!(%what, error = %e, "opaque connect failed; closing the client's connection"),
+            },
+            Via::Mesh { peer, identity } => {
+                let dst = authority_of(original);
+                let hop = Hop {
+                    dst: &dst,
+                    peer,
+                    identity: &identity,
+                    app_port: u32::from(target.app.port()),
+                };
+                let mut connect = connect_request(&dst);
+                connect
+                    .headers_mut()
+                    .insert(h::ORIG_PROTO, HeaderValue::from_static("tcp"));
+                match self.open_tunnel(connect, &hop).await {
+                    Ok(mut response) => {
+                        pick.first_byte();
+                        if let Some(upstream) = response.extensions_mut().remove::<OnUpgrade>()
+                            && let Ok(up) = upstream.await
+                        {
+                            tunnel::bridge(io, TokioIo::new(up), &what).await;
+                        }
+                    }
+                    Err(refused) => tracing::info!(
+                        %what,
+                        status = %refused.status(),
+                        cause = ?refused.headers().get(h::ERROR),
+                        "the peer refused an opaque stream; closing the client's connection"
+                    ),
+                }
+            }
+        }
+    }
+
+    async fn handle(&self, mut req: Request<Incoming>, original: Option<SocketAddr>) -> Response<Body> {
+        let Some(dst) = destination(&req).or_else(|| original.map(authority_of)) else {
             return error_response(
                 StatusCode::BAD_REQUEST,
                 "no-destination",
@@ -142,10 +240,14 @@ impl Outbound {
         };
         let port = dst.port_u16().unwrap_or(80);
         let routes = self.routes.load();
-        let route = routes.resolve(dst.host(), &self.namespace);
-        let Some((route, targets)) = route.and_then(|r| Some((r, r.ports.get(&port)?))) else {
+        let found = match original {
+            // Redirected: where the app was going decides, not what its Host says.
+            Some(original) => routes.by_original(original),
+            None => routes.by_name(dst.host(), port, &self.namespace),
+        };
+        let Some((route, targets)) = found else {
             metrics::counter!(m::REQUESTS, "direction" => "outbound", "service" => "passthrough").increment(1);
-            return self.forward_plain(req, mode, dst, None, None).await;
+            return self.forward_plain(req, mode, dst, original, None).await;
         };
         route.requests.increment(1);
         let Some(pick) = route.balancer.pick(&targets.addrs, &route.settings) else {
@@ -208,9 +310,7 @@ impl Outbound {
     /// an opaque stream or an upgraded HTTP/1.1 connection (see [`tunnel`]).
     async fn tunnel_mesh(&self, req: Request<Incoming>, mode: Mode, hop: &Hop<'_>, mut pick: Pick) -> Response<Body> {
         let (parts, _) = req.into_parts();
-        let mut connect = Request::new(h::empty());
-        *connect.method_mut() = Method::CONNECT;
-        *connect.uri_mut() = Uri::from(hop.dst.clone());
+        let mut connect = connect_request(hop.dst);
         let headers = connect.headers_mut();
         let (downstream, asked) = match mode {
             Mode::Tcp(downstream) => {
@@ -234,21 +334,13 @@ impl Outbound {
             }
             Mode::Http => unreachable!("plain requests are not tunnelled"),
         };
-        headers.insert(h::DST_PORT, HeaderValue::from(hop.app_port));
-        let mut sender = match self.pool.get(hop.peer, hop.identity).await {
-            Ok(s) => s,
-            Err(e) => return connect_error(&e),
-        };
-        let mut response = match sender.send_request(connect).await {
+        let mut response = match self.open_tunnel(connect, hop).await {
             Ok(response) => response,
-            Err(e) => return self.peer_failed(&sender, hop, &e),
-        };
-        pick.first_byte();
-        if response.status() != StatusCode::OK {
             // Refused (authorization, the app's port closed...) or the app answered the
             // upgrade with an error: relayed as is.
-            return hold_until_body_ends(h::relay(response), pick);
-        }
+            Err(refused) => return hold_until_body_ends(refused, pick),
+        };
+        pick.first_byte();
         let Some(upstream) = response.extensions_mut().remove::<OnUpgrade>() else {
             return error_response(
                 StatusCode::BAD_GATEWAY,
@@ -277,6 +369,32 @@ impl Outbound {
                 Ok(up) => Response::from_parts(parts, tunnel::body_from(TokioIo::new(up))),
                 Err(e) => error_response(StatusCode::BAD_GATEWAY, "peer-failed", format!("{what}: {e}")),
             },
+        }
+    }
+
+    /// Sends a `CONNECT` to the peer proxy of `hop`: its 200 answer (the tunnel is
+    /// open), or the answer to relay instead.
+    async fn open_tunnel(
+        &self,
+        mut connect: Request<Body>,
+        hop: &Hop<'_>,
+    ) -> Result<Response<Incoming>, Response<Body>> {
+        connect
+            .headers_mut()
+            .insert(h::DST_PORT, HeaderValue::from(hop.app_port));
+        let mut sender = self
+            .pool
+            .get(hop.peer, hop.identity)
+            .await
+            .map_err(|e| connect_error(&e))?;
+        let response = sender
+            .send_request(connect)
+            .await
+            .map_err(|e| self.peer_failed(&sender, hop, &e))?;
+        if response.status() == StatusCode::OK {
+            Ok(response)
+        } else {
+            Err(h::relay(response))
         }
     }
 
@@ -461,6 +579,28 @@ pub fn destination<B>(req: &Request<B>) -> Option<Authority> {
         .get(http::header::HOST)
         .and_then(|h| h.to_str().ok())
         .and_then(|h| h.parse().ok())
+}
+
+/// `ip:port` as an authority.
+fn authority_of(addr: SocketAddr) -> Authority {
+    Authority::try_from(addr.to_string()).expect("an address is an authority")
+}
+
+/// An HTTP/2 `CONNECT` to a peer proxy for `dst`, its protocol and port still to add.
+fn connect_request(dst: &Authority) -> Request<Body> {
+    let mut connect = Request::new(h::empty());
+    *connect.method_mut() = Method::CONNECT;
+    *connect.uri_mut() = Uri::from(dst.clone());
+    connect
+}
+
+/// A TCP connection outside the mesh, within [`PASSTHROUGH_CONNECT_TIMEOUT`].
+async fn connect_plain(addr: SocketAddr) -> std::io::Result<TcpStream> {
+    let tcp = tokio::time::timeout(PASSTHROUGH_CONNECT_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer within 1 s"))??;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
 fn with_authority(uri: &Uri, authority: &Authority) -> Uri {

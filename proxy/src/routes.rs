@@ -69,10 +69,16 @@ pub struct Route {
     pub ports: HashMap<u16, PortTargets>,
 }
 
-/// Routes by every name a client may use.
+/// Routes by every name a client may use, and by the addresses a redirected
+/// connection may have been going to (transparent mode).
 #[derive(Debug, Default)]
 pub struct RouteTable {
     by_name: HashMap<String, Arc<Route>>,
+    /// Services' virtual IPs (host names that are IP addresses, e.g. a ClusterIP).
+    by_vip: HashMap<std::net::IpAddr, Arc<Route>>,
+    /// Each ready endpoint's app address: a connection to a workload's own address
+    /// goes to that workload, as Linkerd does for pod IPs.
+    by_endpoint: HashMap<SocketAddr, (Arc<Route>, PortTargets)>,
 }
 
 impl RouteTable {
@@ -80,7 +86,7 @@ impl RouteTable {
     /// Endpoints whose address does not parse are skipped (discovery already refuses
     /// them, so none should reach here).
     pub fn build(state: &DiscoveryState, balancers: &Balancers) -> Self {
-        let mut by_name = HashMap::new();
+        let (mut by_name, mut by_vip, mut by_endpoint) = (HashMap::new(), HashMap::new(), HashMap::new());
         for (name, service) in &state.services.items {
             let mut ports: HashMap<u16, PortTargets> = HashMap::new();
             for e in state.endpoints.items.get(name).iter().flat_map(|e| e.endpoints.iter()) {
@@ -120,9 +126,39 @@ impl RouteTable {
             by_name.insert(name.clone(), route.clone());
             for host in &service.hostnames {
                 by_name.insert(host.clone(), route.clone());
+                if let Ok(ip) = host.parse() {
+                    by_vip.insert(ip, route.clone());
+                }
+            }
+            for target in route.ports.values().flat_map(|p| p.targets.iter()) {
+                let only = PortTargets {
+                    targets: vec![target.clone()],
+                    addrs: vec![target.app],
+                };
+                by_endpoint.insert(target.app, (route.clone(), only));
             }
         }
-        Self { by_name }
+        Self {
+            by_name,
+            by_vip,
+            by_endpoint,
+        }
+    }
+
+    /// The route and targets for `host:port` as a client in `namespace` names them.
+    pub fn by_name(&self, host: &str, port: u16, namespace: &str) -> Option<(&Arc<Route>, &PortTargets)> {
+        let route = self.resolve(host, namespace)?;
+        Some((route, route.ports.get(&port)?))
+    }
+
+    /// The route and targets for a connection that was going to `addr`: a service's
+    /// virtual IP (every ready endpoint of that port), or one endpoint's own address
+    /// (that endpoint alone).
+    pub fn by_original(&self, addr: SocketAddr) -> Option<(&Arc<Route>, &PortTargets)> {
+        if let Some(route) = self.by_vip.get(&addr.ip()) {
+            return Some((route, route.ports.get(&addr.port())?));
+        }
+        self.by_endpoint.get(&addr).map(|(route, only)| (route, only))
     }
 
     /// The route a client in `namespace` means by `host`: a resource or host name, or a

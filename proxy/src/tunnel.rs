@@ -19,7 +19,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Request, Version};
 use http_body_util::{BodyExt, StreamBody};
 use hyper::body::Frame;
-use hyper::upgrade::{OnUpgrade, Upgraded};
+use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncRead, AsyncWrite};
 
@@ -69,7 +69,7 @@ where
                 return;
             }
         };
-        bridge(downstream, upstream, &what).await;
+        bridge(TokioIo::new(downstream), upstream, &what).await;
     });
 }
 
@@ -82,18 +82,19 @@ where
     tokio::spawn(async move {
         let _held = held;
         match (downstream.await, upstream.await) {
-            (Ok(down), Ok(up)) => bridge(down, TokioIo::new(up), &what).await,
+            (Ok(down), Ok(up)) => bridge(TokioIo::new(down), TokioIo::new(up), &what).await,
             (Err(e), _) | (_, Err(e)) => tracing::debug!(%what, error = %e, "a tunnel's side left before it opened"),
         }
     });
 }
 
-/// Copies both ways between an upgraded HTTP connection and `upstream`.
-pub async fn bridge<U>(downstream: Upgraded, mut upstream: U, what: &str)
+/// Copies both ways between `downstream` (the app's side) and `upstream` until both
+/// directions have ended.
+pub async fn bridge<D, U>(mut downstream: D, mut upstream: U, what: &str)
 where
+    D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut downstream = TokioIo::new(downstream);
     match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
         Ok((sent, received)) => tracing::debug!(what, sent, received, "tunnel closed"),
         Err(e) => tracing::debug!(what, error = %e, "tunnel ended with an error"),

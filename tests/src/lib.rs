@@ -307,10 +307,16 @@ impl Proxy {
     /// Starts a proxy for `workload` with its inbound listener on `inbound` (the
     /// workload's address and inbound port, where peers reach it).
     pub async fn start_at(cp: &ControlPlane, workload: &str, inbound: SocketAddr) -> Self {
+        Self::start_listening(cp, workload, inbound, "127.0.0.1:0".parse().unwrap()).await
+    }
+
+    /// As [`Proxy::start_at`], with the outbound listener on `outbound` (where iptables
+    /// redirects, in transparent mode).
+    pub async fn start_listening(cp: &ControlPlane, workload: &str, inbound: SocketAddr, outbound: SocketAddr) -> Self {
         let token = cp.token(workload).await;
         let mut child = Command::new(binary("wary-proxy"))
             .args(["--control-plane", &cp.discovery_url(), "--workload", workload])
-            .args(["--admin-addr", "127.0.0.1:0", "--outbound-addr", "127.0.0.1:0"])
+            .args(["--admin-addr", "127.0.0.1:0", "--outbound-addr", &outbound.to_string()])
             .args(["--inbound-addr", &inbound.to_string()])
             .arg("--trust-anchors")
             .arg(&cp.trust_anchors)
