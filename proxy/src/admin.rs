@@ -1,5 +1,5 @@
 //! The proxy's admin server (port 4191): `/live`, `/ready` (200 once discovery has
-//! delivered every subscribed type), `/metrics` (Prometheus) and `/config_dump` (the
+//! delivered every subscribed type, 503 again once shutdown has begun), `/metrics` (Prometheus) and `/config_dump` (the
 //! proxy's current view of the mesh, JSON). Read-only.
 
 use std::convert::Infallible;
@@ -21,6 +21,7 @@ use wary_proto::discovery::InboundPolicy;
 use wary_certs::credentials::Credentials;
 
 use crate::balance::Balancers;
+use crate::drain::Drain;
 use crate::state::{Cache, DiscoveryState};
 
 /// What the admin pages read.
@@ -37,6 +38,8 @@ pub struct Admin {
     pub creds: Arc<Credentials>,
     /// Per-endpoint load, for `/config_dump`.
     pub balancers: Arc<Balancers>,
+    /// Shutdown state: a draining proxy is not ready.
+    pub drain: Arc<Drain>,
 }
 
 impl Admin {
@@ -77,6 +80,10 @@ impl Admin {
                 r
             }
             "/live" => text(StatusCode::OK, "ok\n".into()),
+            "/ready" if self.drain.is_draining() => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not ready:\nshutting down: draining the app's traffic\n".into(),
+            ),
             "/ready" => {
                 let missing = self.missing();
                 if missing.is_empty() {

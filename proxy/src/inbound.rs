@@ -30,6 +30,7 @@ use wary_certs::SpiffeId;
 use wary_certs::tls::{HandshakeFailure, peer_identity};
 
 use crate::authorize;
+use crate::drain::Drain;
 use crate::http::{self as h, Body, error_response};
 use crate::metrics as m;
 use crate::state::Cache;
@@ -56,25 +57,25 @@ pub struct Inbound {
     policy: String,
     reserved: Vec<u16>,
     http1: Client<HttpConnector, Body>,
-    http2: Client<HttpConnector, Body>,
+    http2: AppH2,
+    drain: Arc<Drain>,
 }
 
 impl Inbound {
     /// Forwards to the app at `app_ip` (the workload's address), only on the ports the
     /// workload's inbound policy `policy` (`<workload>.<namespace>`) declares, and never
     /// on the proxy's own `reserved` ports (its outbound and admin listeners: a peer
-    /// reaching those would act with this workload's identity).
-    pub fn new(app_ip: IpAddr, cache: Arc<Cache>, policy: String, reserved: Vec<u16>) -> Self {
+    /// reaching those would act with this workload's identity). Each request and
+    /// tunnel counts as open work for `drain` until it ends.
+    pub fn new(app_ip: IpAddr, cache: Arc<Cache>, policy: String, reserved: Vec<u16>, drain: Arc<Drain>) -> Self {
         Self {
             app_ip,
             cache,
             policy,
             reserved,
             http1: Client::builder(TokioExecutor::new()).build_http(),
-            http2: Client::builder(TokioExecutor::new())
-                .http2_only(true)
-                .http2_max_header_list_size(h::MAX_HEADER_LIST_SIZE)
-                .build_http(),
+            http2: AppH2::default(),
+            drain,
         }
     }
 
@@ -173,7 +174,17 @@ impl Inbound {
                 let client = Arc::new(Peer { id: client, header });
                 let service = service_fn(move |req| {
                     let (inbound, client) = (inbound.clone(), client.clone());
-                    async move { Ok::<_, Infallible>(inbound.handle(req, &client).await) }
+                    async move {
+                        let active = inbound.drain.track();
+                        let response = inbound.handle(req, &client).await;
+                        Ok::<_, Infallible>(response.map(|body| {
+                            body.map_frame(move |frame| {
+                                let _active = &active;
+                                frame
+                            })
+                            .boxed()
+                        }))
+                    }
                 });
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .max_header_list_size(h::MAX_HEADER_LIST_SIZE)
@@ -284,9 +295,21 @@ impl Inbound {
         h::strip_hop_by_hop(&mut parts.headers);
         h::strip_mesh_headers(&mut parts.headers);
         parts.headers.insert(h::CLIENT_ID, peer.header.clone());
+        if http2 {
+            // The app sees the :authority the client used; the connection goes to the
+            // app's port whatever it names.
+            parts.version = Version::HTTP_2;
+            return match self.http2.send(app, Request::from_parts(parts, body.boxed())).await {
+                Ok(response) => h::relay(response),
+                Err(e) => error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "app-unavailable",
+                    format!("the app at {app} did not answer: {e}"),
+                ),
+            };
+        }
         // The app sees the authority the client used.
-        if !http2
-            && let Some(authority) = parts.uri.authority()
+        if let Some(authority) = parts.uri.authority()
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
         {
             parts.headers.insert(http::header::HOST, host);
@@ -296,9 +319,8 @@ impl Inbound {
             Some(uri) => uri,
             None => return error_response(StatusCode::BAD_REQUEST, "bad-path", "request path is invalid".into()),
         };
-        parts.version = if http2 { Version::HTTP_2 } else { Version::HTTP_11 };
-        let client = if http2 { &self.http2 } else { &self.http1 };
-        match client.request(Request::from_parts(parts, body.boxed())).await {
+        parts.version = Version::HTTP_11;
+        match self.http1.request(Request::from_parts(parts, body.boxed())).await {
             Ok(response) => h::relay(response),
             Err(e) => app_unavailable(app, &e),
         }
@@ -316,7 +338,7 @@ impl Inbound {
         match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(app)).await {
             Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);
-                tunnel::spawn_bridge(downstream, tcp, app.to_string(), ());
+                tunnel::spawn_bridge(downstream, tcp, app.to_string(), self.drain.track());
                 Response::new(h::empty())
             }
             Ok(Err(e)) => error_response(
@@ -388,7 +410,7 @@ impl Inbound {
                 parts.headers.insert(h::UPGRADE, protocol);
             }
             parts.status = StatusCode::OK;
-            tunnel::spawn_joined(downstream, upstream, app.to_string(), ());
+            tunnel::spawn_joined(downstream, upstream, app.to_string(), self.drain.track());
             return Response::from_parts(parts, h::empty());
         }
         if status != StatusCode::OK {
@@ -412,6 +434,60 @@ impl Inbound {
             let _ = down.shutdown().await;
         });
         Response::from_parts(parts, h::empty())
+    }
+}
+
+/// HTTP/2 (prior knowledge) connections to the app, one per app port, shared by all
+/// requests. Unlike a pooling client keyed by the URI's authority, this keeps the
+/// client's `:authority` on the request while always dialling the app.
+#[derive(Default)]
+struct AppH2 {
+    conns: std::sync::Mutex<std::collections::HashMap<SocketAddr, AppSlot>>,
+}
+
+type AppSlot = Arc<tokio::sync::Mutex<Option<hyper::client::conn::http2::SendRequest<Body>>>>;
+
+impl AppH2 {
+    /// Sends `req` to the app at `app` over its shared connection, opening one first if
+    /// there is none (concurrent callers wait for a single connect).
+    async fn send(&self, app: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, String> {
+        let slot = {
+            let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
+            conns.entry(app).or_default().clone()
+        };
+        let mut sender = {
+            let mut slot = slot.lock().await;
+            match slot.as_ref() {
+                Some(sender) if !sender.is_closed() => sender.clone(),
+                _ => {
+                    let sender = Self::connect(app).await?;
+                    *slot = Some(sender.clone());
+                    sender
+                }
+            }
+        };
+        sender.ready().await.map_err(|e| e.to_string())?;
+        sender.send_request(req).await.map_err(|e| crate::control::causes(&e))
+    }
+
+    async fn connect(app: SocketAddr) -> Result<hyper::client::conn::http2::SendRequest<Body>, String> {
+        let tcp = tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(app))
+            .await
+            .map_err(|_| format!("no connection within {APP_CONNECT_TIMEOUT:?}"))?
+            .map_err(|e| e.to_string())?;
+        let _ = tcp.set_nodelay(true);
+        let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(h::MAX_HEADER_LIST_SIZE)
+            .handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%app, error = %e, "app connection ended");
+            }
+        });
+        Ok(sender)
     }
 }
 

@@ -12,6 +12,7 @@
 //! * [`inbound`]: mTLS from peers, the client's identity for the app, the app's own
 //!   protocol. [`http`] holds what both sides share.
 //! * [`admin`], [`metrics`]: what operators see.
+//! * [`drain`]: graceful shutdown on SIGTERM.
 //!
 //! * [`balance`]: P2C over Peak-EWMA, fed by the time to each response's first byte.
 //! * [`detect`]: protocol detection and `SO_ORIGINAL_DST` for transparent mode.
@@ -28,6 +29,7 @@ pub mod balance;
 pub mod control;
 pub mod detect;
 pub mod discovery;
+pub mod drain;
 pub mod http;
 pub mod identity;
 pub mod inbound;

@@ -15,6 +15,7 @@ use wary_certs::credentials::{Credentials, TrustBundle};
 use wary_certs::{SpiffeId, TrustDomain};
 use wary_proto::discovery::Node;
 use wary_proxy::control::ControlPlane;
+use wary_proxy::drain::Drain;
 use wary_proxy::identity::{IdentityConfig, TokenSource};
 use wary_proxy::inbound::Inbound;
 use wary_proxy::outbound::Outbound;
@@ -79,6 +80,11 @@ struct Args {
     /// Address of the admin server (/metrics, /ready, /live, /config_dump).
     #[arg(long, env = "WARY_ADMIN_ADDR", default_value = "127.0.0.1:4191")]
     admin_addr: SocketAddr,
+    /// After SIGTERM, the longest the proxy keeps carrying the app's traffic before it
+    /// exits, s; it exits sooner once the app's connections have closed. Kubernetes'
+    /// default termination grace period.
+    #[arg(long, env = "WARY_SHUTDOWN_GRACE_PERIOD_S", default_value_t = 30)]
+    shutdown_grace_period_s: u64,
     /// Log format: `text` or `json`. The level is set with RUST_LOG (default `info`).
     #[arg(long, env = "WARY_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -190,19 +196,33 @@ async fn main() -> anyhow::Result<()> {
         creds.clone(),
         Duration::from_millis(args.connect_timeout_ms),
     ));
-    let outbound = Arc::new(Outbound::new(cache.clone(), pool, namespace, args.opaque_ports.0));
+    let drain = Arc::new(Drain::default());
+    let outbound = Arc::new(Outbound::new(
+        cache.clone(),
+        pool,
+        namespace,
+        args.opaque_ports.0,
+        drain.clone(),
+    ));
     let admin = Admin {
         prometheus,
         cache: cache.clone(),
         subscriptions: config.subscriptions(),
         creds: creds.clone(),
         balancers: outbound.balancers(),
+        drain: drain.clone(),
     };
     tokio::spawn(admin.serve(admin_listener));
     tokio::spawn(outbound.serve(outbound_listener));
     let reserved = vec![admin_addr.port(), outbound_addr.port(), inbound_addr.port()];
     let policy_name = format!("{}.{}", workload_name, workload_namespace);
-    let inbound = Arc::new(Inbound::new(inbound_addr.ip(), cache.clone(), policy_name, reserved));
+    let inbound = Arc::new(Inbound::new(
+        inbound_addr.ip(),
+        cache.clone(),
+        policy_name,
+        reserved,
+        drain.clone(),
+    ));
     let inbound_tls = wary_certs::tls::server_config(
         &creds,
         wary_certs::tls::ClientAuth::Required,
@@ -228,10 +248,24 @@ async fn main() -> anyhow::Result<()> {
     println!("wary-proxy admin={admin_addr} inbound={inbound_addr} outbound={outbound_addr}");
 
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
+        _ = interrupt.recv() => {}
         _ = term.recv() => {}
     }
-    tracing::info!("proxy stopped");
+    let grace = Duration::from_secs(args.shutdown_grace_period_s);
+    drain.start();
+    tracing::info!(
+        open = drain.active(),
+        grace_period_s = grace.as_secs(),
+        "shutting down: /ready now fails; carrying the app's traffic until it drains"
+    );
+    let why = tokio::select! {
+        _ = drain.idle() => "the app's traffic drained",
+        _ = tokio::time::sleep(grace) => "the grace period ended",
+        _ = interrupt.recv() => "a second signal",
+        _ = term.recv() => "a second signal",
+    };
+    tracing::info!(open = drain.active(), "proxy stopped: {why}");
     Ok(())
 }

@@ -36,6 +36,7 @@ use crate::balance::{Balancers, Pick};
 use crate::routes::{RouteTable, Via};
 
 use crate::detect::{self, Prefixed, Protocol};
+use crate::drain::Drain;
 use crate::http::{self as h, Body, error_response};
 use crate::metrics as m;
 use crate::pool::{ConnectError, PeerPool};
@@ -50,13 +51,21 @@ pub struct Outbound {
     balancers: Arc<Balancers>,
     routes: Arc<ArcSwap<RouteTable>>,
     opaque_ports: Vec<u16>,
+    drain: Arc<Drain>,
 }
 
 impl Outbound {
     /// Routes with the discovery state in `cache`, for a client in `namespace`, over
     /// connections from `pool`. Redirected connections to `opaque_ports` skip protocol
-    /// detection (default [`detect::DEFAULT_OPAQUE_PORTS`]).
-    pub fn new(cache: Arc<Cache>, pool: Arc<PeerPool>, namespace: String, opaque_ports: Vec<u16>) -> Self {
+    /// detection (default [`detect::DEFAULT_OPAQUE_PORTS`]). Each app connection counts
+    /// as open work for `drain` while it lasts.
+    pub fn new(
+        cache: Arc<Cache>,
+        pool: Arc<PeerPool>,
+        namespace: String,
+        opaque_ports: Vec<u16>,
+        drain: Arc<Drain>,
+    ) -> Self {
         let balancers = Arc::new(Balancers::default());
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(&cache.load(), &balancers)));
         tokio::spawn(follow_discovery(
@@ -76,6 +85,7 @@ impl Outbound {
             balancers,
             routes,
             opaque_ports,
+            drain,
         }
     }
 
@@ -99,7 +109,9 @@ impl Outbound {
             };
             let _ = tcp.set_nodelay(true);
             let outbound = self.clone();
+            let active = self.drain.track();
             tokio::spawn(async move {
+                let _active = active;
                 match detect::original_dst(&tcp) {
                     None => outbound.serve_http(tcp, None).await,
                     Some(original) => outbound.transparent(tcp, original).await,

@@ -339,6 +339,21 @@ impl Proxy {
         }
     }
 
+    /// Sends SIGTERM (graceful shutdown) without waiting.
+    pub async fn terminate(&self) {
+        let pid = self._child.id().expect("the proxy is running");
+        let sent = Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+        assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+    }
+
+    /// Waits for the process to exit, within [`DEADLINE`]; returns its exit status.
+    pub async fn wait_exit(&mut self) -> std::process::ExitStatus {
+        tokio::time::timeout(DEADLINE, self._child.wait())
+            .await
+            .expect("the proxy exits in time")
+            .expect("wait for the proxy")
+    }
+
     /// Its peak resident memory so far (`VmHWM`), bytes.
     pub fn peak_rss(&self) -> u64 {
         let pid = self._child.id().expect("the proxy is running");

@@ -51,7 +51,8 @@ pub struct Seen {
 /// * `/bytes?n=N`: N zero bytes, streamed in 64 KiB chunks;
 /// * `/ws`: a WebSocket echo;
 /// * anything else: `hello from <name>`, with the request's `wary-client-id`, `host`
-///   and `expect` echoed in `x-seen-*` headers.
+///   and `expect` echoed in `x-seen-*` headers, and an HTTP/2 request's `:authority` in
+///   `x-seen-authority`.
 pub struct Upstream {
     task: JoinHandle<()>,
     /// What it saw.
@@ -193,6 +194,10 @@ async fn route(mut req: Request<Incoming>, name: &str, seen: &Seen) -> Response<
         }
         _ => {
             let mut r = Response::new(full(format!("hello from {name}")));
+            if let Some(authority) = req.uri().authority() {
+                r.headers_mut()
+                    .insert("x-seen-authority", HeaderValue::from_str(authority.as_str()).unwrap());
+            }
             for (from, to) in [
                 ("wary-client-id", "x-seen-client-id"),
                 ("host", "x-seen-host"),

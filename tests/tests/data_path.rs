@@ -291,6 +291,10 @@ async fn http2_prior_knowledge_clients_multiplex_through_the_mesh() {
         text.contains("x-seen-client-id: spiffe://cluster.local/ns/default/sa/web"),
         "{text}"
     );
+    assert!(
+        text.contains(&format!("x-seen-authority: backend.default:{HTTP}")),
+        "{text}"
+    );
 
     // h2load: 4 connections, up to 50 concurrent streams each.
     let out = Command::new("h2load")
@@ -595,4 +599,44 @@ async fn a_gibibyte_each_way_in_bounded_memory() {
         assert!(rss < 64 << 20, "a proxy's peak RSS was {} MiB", rss >> 20);
     }
     let _ = &m.mesh;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_fails_readiness_keeps_carrying_the_apps_traffic_and_exits_once_it_drains() {
+    let net = "127.0.27";
+    let mut m = mesh(net).await;
+    let app = wary_tests::App::start(addr(&format!("{net}.2:{HTTP}")), "backend-1").await;
+    app.delay_ms.store(1500, Ordering::Relaxed);
+    let url = format!("http://backend.default:{HTTP}/slow");
+    let outbound = m.web.outbound;
+    let in_flight = tokio::spawn({
+        let url = url.clone();
+        async move { wary_tests::curl_via(outbound, &url, &[]).await }
+    });
+    wait_until("the first request reaches the app", || async {
+        (app.served.load(Ordering::Relaxed) >= 1).then_some(())
+    })
+    .await;
+
+    let started = Instant::now();
+    m.web.terminate().await;
+    wait_until("/ready fails", || async {
+        let ready = m.web.admin_get("/ready").await;
+        ready.contains("shutting down").then_some(())
+    })
+    .await;
+    // The app, shutting down too, still calls out.
+    let (status, text) = wary_tests::curl_via(outbound, &url, &[]).await;
+    assert_eq!(status, 200, "a new request while draining: {text}");
+    let (status, text) = in_flight.await.unwrap();
+    assert_eq!(status, 200, "the in-flight request: {text}");
+    // Both clients are gone: the proxy exits well before the 30 s grace period.
+    let exit = m.web.wait_exit().await;
+    assert!(exit.success(), "{exit:?}");
+    eprintln!("exited {:?} after SIGTERM", started.elapsed());
+    m.web
+        .logs
+        .wait_for(&["proxy stopped", "the app's traffic drained"])
+        .await;
+    let _ = (&m.mesh, &m.backend);
 }
