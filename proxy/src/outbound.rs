@@ -120,11 +120,15 @@ impl Outbound {
         }
     }
 
-    /// A redirected connection: opaque at once on an opaque port, else as its first
-    /// bytes say.
+    /// A redirected connection: opaque at once on an opaque port (the proxy's list, or
+    /// a service port declared `appProtocol: tcp`), else as its first bytes say.
     async fn transparent(self: Arc<Self>, mut tcp: TcpStream, original: SocketAddr) {
         let mut first = BytesMut::new();
-        let protocol = if self.opaque_ports.contains(&original.port()) {
+        let declared_opaque = || {
+            let routes = self.routes.load();
+            routes.by_original(original).is_some_and(|(_, targets)| targets.opaque)
+        };
+        let protocol = if self.opaque_ports.contains(&original.port()) || declared_opaque() {
             Protocol::Opaque
         } else {
             detect::detect(&mut tcp, &mut first, detect::DETECT_TIMEOUT).await

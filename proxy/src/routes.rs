@@ -15,8 +15,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wary_certs::SpiffeId;
-use wary_proto::discovery::Service;
 use wary_proto::discovery::load_balancer::Algorithm as PbAlgorithm;
+use wary_proto::discovery::{Protocol, Service};
 
 use crate::balance::{Algorithm, Balancer, Balancers, Settings};
 use crate::metrics as m;
@@ -52,6 +52,9 @@ pub struct PortTargets {
     pub targets: Vec<Target>,
     /// Their app addresses, in the same order, for the balancer.
     pub addrs: Vec<SocketAddr>,
+    /// The port is declared opaque (`appProtocol: tcp`): redirected connections skip
+    /// protocol detection.
+    pub opaque: bool,
 }
 
 /// A destination service.
@@ -113,7 +116,7 @@ impl RouteTable {
             }
             for p in &service.ports {
                 if let Ok(port) = u16::try_from(p.port) {
-                    ports.entry(port).or_default();
+                    ports.entry(port).or_default().opaque = p.protocol() == Protocol::Opaque;
                 }
             }
             let route = Arc::new(Route {
@@ -130,12 +133,15 @@ impl RouteTable {
                     by_vip.insert(ip, route.clone());
                 }
             }
-            for target in route.ports.values().flat_map(|p| p.targets.iter()) {
-                let only = PortTargets {
-                    targets: vec![target.clone()],
-                    addrs: vec![target.app],
-                };
-                by_endpoint.insert(target.app, (route.clone(), only));
+            for port in route.ports.values() {
+                for target in &port.targets {
+                    let only = PortTargets {
+                        targets: vec![target.clone()],
+                        addrs: vec![target.app],
+                        opaque: port.opaque,
+                    };
+                    by_endpoint.insert(target.app, (route.clone(), only));
+                }
             }
         }
         Self {

@@ -101,6 +101,7 @@ spec:
   - {{name: http, port: 9090, targetPort: http}}
   - {{name: db, port: 3306, targetPort: db}}
   - {{name: raw, port: 7001, targetPort: raw}}
+  - {{name: mail, port: 2525, targetPort: mail, appProtocol: tcp}}
 ---
 apiVersion: local.wary.io/v1alpha1
 kind: Workload
@@ -114,6 +115,7 @@ spec:
   - {{name: http, port: 9090}}
   - {{name: db, port: 3306}}
   - {{name: raw, port: 7001}}
+  - {{name: mail, port: 2525}}
 ---
 apiVersion: local.wary.io/v1alpha1
 kind: Workload
@@ -136,6 +138,7 @@ spec:
     let _app = Upstream::start(addr(&format!("{NET}.2:9090")), "backend-1").await;
     let _db = upstream::speaks_first(addr(&format!("{NET}.2:3306")), b"220 db ready\r\n").await;
     let _raw = upstream::speaks_first(addr(&format!("{NET}.2:7001")), b"").await;
+    let _mail = upstream::speaks_first(addr(&format!("{NET}.2:2525")), b"220 mail ready\r\n").await;
     let _outside = Upstream::start(addr(&format!("{NET}.9:8000")), "outside").await;
 
     // Plain HTTP/1.1 and HTTP/2 to the backend's own address, no proxy configured: the
@@ -163,6 +166,12 @@ spec:
     let waited = started.elapsed();
     eprintln!("opaque port: greeting {waited:?} after connect");
     assert!(waited < Duration::from_millis(500), "the greeting took {waited:?}");
+    // The same on a port the Service declares `appProtocol: tcp`.
+    let mut mail = connect_from_client(&format!("{NET}.2:2525")).await;
+    let started = Instant::now();
+    assert_eq!(read_exactly(&mut mail, 16).await, "220 mail ready\r\n");
+    let waited = started.elapsed();
+    assert!(waited < Duration::from_millis(500), "the greeting took {waited:?}");
     // A client that speaks first, not HTTP: detected as opaque and carried whole.
     let mut raw = connect_from_client(&format!("{NET}.2:7001")).await;
     raw.write_all(b"\x16\x03\x01 not http").await.unwrap();
@@ -172,7 +181,7 @@ spec:
 
     let metrics = curl_plain(&format!("http://{}/metrics", web.admin));
     for line in [
-        "wary_proxy_requests_total{direction=\"outbound\",service=\"backend.default\"} 4",
+        "wary_proxy_requests_total{direction=\"outbound\",service=\"backend.default\"} 5",
         "wary_proxy_requests_total{direction=\"outbound\",service=\"passthrough\"} 1",
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");
