@@ -214,7 +214,8 @@ pub fn config_dump(state: &DiscoveryState) -> Value {
     })
 }
 
-/// Each endpoint's Peak-EWMA RTT (ms) and requests in flight, by service.
+/// Each endpoint's Peak-EWMA RTT (ms), requests in flight and circuit-breaker state
+/// (`admitted`, `ejected`, `probation`, `probing`), by service.
 pub fn load_dump(balancers: &Balancers) -> Value {
     let mut services: Vec<_> = balancers.snapshot().into_iter().collect();
     services.sort_by(|a, b| a.0.cmp(&b.0));
@@ -222,13 +223,14 @@ pub fn load_dump(balancers: &Balancers) -> Value {
         services
             .into_iter()
             .map(|(service, mut endpoints)| {
-                endpoints.sort_by_key(|e| e.0);
+                endpoints.sort_by_key(|e| e.addr);
                 json!({
                     "service": service,
-                    "endpoints": endpoints.iter().map(|(addr, rtt, in_flight)| json!({
-                        "address": addr.to_string(),
-                        "ewma_ms": (rtt * 1e6).round() / 1e3,
-                        "in_flight": in_flight,
+                    "endpoints": endpoints.iter().map(|e| json!({
+                        "address": e.addr.to_string(),
+                        "ewma_ms": (e.rtt * 1e6).round() / 1e3,
+                        "in_flight": e.in_flight,
+                        "state": format!("{:?}", e.state).to_lowercase(),
                     })).collect::<Vec<_>>(),
                 })
             })

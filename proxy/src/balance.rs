@@ -27,6 +27,7 @@ use rand::Rng;
 use tokio::time::Instant;
 
 use crate::metrics as m;
+use crate::outlier::{Outlier, OutlierSettings};
 
 /// Peak-EWMA decay time constant when the policy sets none: 10 s (Linkerd).
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
@@ -54,6 +55,8 @@ pub struct Settings {
     /// The RTT of an endpoint without samples; default [`DEFAULT_RTT`] (30 ms), floored
     /// at [`RTT_FLOOR`] (1 ms).
     pub default_rtt: Duration,
+    /// Circuit breaking per endpoint.
+    pub outlier: OutlierSettings,
 }
 
 impl Default for Settings {
@@ -62,6 +65,7 @@ impl Default for Settings {
             algorithm: Algorithm::Ewma,
             decay: DEFAULT_DECAY,
             default_rtt: DEFAULT_RTT,
+            outlier: OutlierSettings::default(),
         }
     }
 }
@@ -72,9 +76,13 @@ pub struct EndpointLoad {
     /// The RTT estimate and when it was last touched.
     ewma: Mutex<(f64, Instant)>,
     in_flight: AtomicU32,
+    /// Circuit-breaker state.
+    pub outlier: Outlier,
     ewma_gauge: metrics::Gauge,
     in_flight_gauge: metrics::Gauge,
     requests: metrics::Counter,
+    ejected_gauge: metrics::Gauge,
+    ejections: metrics::Counter,
 }
 
 impl std::fmt::Debug for EndpointLoad {
@@ -96,9 +104,12 @@ impl EndpointLoad {
         Self {
             ewma: Mutex::new((seed, Instant::now())),
             in_flight: AtomicU32::new(0),
+            outlier: Outlier::default(),
             ewma_gauge,
             in_flight_gauge: metrics::gauge!(m::ENDPOINT_IN_FLIGHT, &labels),
             requests: metrics::counter!(m::ENDPOINT_REQUESTS, &labels),
+            ejected_gauge: metrics::gauge!(m::ENDPOINT_EJECTED, &labels),
+            ejections: metrics::counter!(m::ENDPOINT_EJECTIONS, &labels),
         }
     }
 
@@ -143,11 +154,19 @@ impl EndpointLoad {
 }
 
 /// An endpoint chosen for one request. Counts as in flight until dropped; call
-/// [`Pick::first_byte`] when the response starts, to feed the RTT estimate.
+/// [`Pick::first_byte`] when the response starts, to feed the RTT estimate, and
+/// [`Pick::success`] or [`Pick::failure`] with the outcome, for circuit breaking.
 pub struct Pick {
     /// The chosen endpoint's index in the slice given to [`Balancer::pick`].
     pub index: usize,
     load: Arc<EndpointLoad>,
+    balancer: Arc<Balancer>,
+    /// Endpoints the choice was among.
+    of: usize,
+    outlier: OutlierSettings,
+    /// This request is an ejected endpoint's probe.
+    probe: bool,
+    reported: bool,
     decay: Duration,
     started: Instant,
     sampled: bool,
@@ -163,50 +182,153 @@ impl Pick {
     }
 }
 
+impl Pick {
+    /// The endpoint answered (anything but a failure): its failure count starts over,
+    /// and a successful probe readmits it.
+    pub fn success(&mut self) {
+        self.reported = true;
+        if self.load.outlier.success(self.probe) {
+            self.balancer.ejected.fetch_sub(1, Ordering::Relaxed);
+            self.load.ejected_gauge.set(0.0);
+            tracing::info!(service = %self.balancer.service, "the probe succeeded: endpoint readmitted");
+        }
+    }
+
+    /// The endpoint failed this request (5xx, connect failure, reset, timeout): counts
+    /// toward its ejection, which the balancer allows only while at least one other
+    /// endpoint stays in rotation and within `max_ejection_percent`.
+    pub fn failure(&mut self) {
+        self.reported = true;
+        let out = self.balancer.ejected.load(Ordering::Relaxed);
+        let percent = usize::try_from(self.outlier.max_ejection_percent).unwrap_or(100);
+        let may_eject = out + 1 < self.of && (out + 1) * 100 <= self.of * percent;
+        if let Some(time) = self.load.outlier.failure(self.probe, &self.outlier, may_eject) {
+            if !self.probe {
+                self.balancer.ejected.fetch_add(1, Ordering::Relaxed);
+                self.load.ejections.increment(1);
+            }
+            self.load.ejected_gauge.set(1.0);
+            tracing::info!(
+                service = %self.balancer.service,
+                probe = self.probe,
+                ejection_ms = time.as_millis(),
+                "endpoint ejected after consecutive failures"
+            );
+        }
+    }
+}
+
 impl Drop for Pick {
     fn drop(&mut self) {
         let now = self.load.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
         self.load.in_flight_gauge.set(f64::from(now));
+        if self.probe && !self.reported {
+            // The probe never got an answer to judge: let another request probe.
+            self.load.outlier.release_probe();
+        }
     }
 }
 
-/// The balancer of one service: load statistics by endpoint address.
+/// The balancer of one service: load statistics and circuit-breaker state by endpoint
+/// address, and the service's retry budget and bulkhead.
 #[derive(Debug, Default)]
 pub struct Balancer {
     service: String,
     loads: Mutex<HashMap<SocketAddr, Arc<EndpointLoad>>>,
     next: AtomicUsize,
+    /// Endpoints out of rotation (ejected, on probation or probing).
+    ejected: AtomicUsize,
+    /// Retries to this service may add only so much load.
+    pub budget: crate::retry::RetryBudget,
+    /// Requests in flight to this service, and waiting for a slot.
+    pub bulkhead: Arc<crate::retry::Bulkhead>,
 }
 
 impl Balancer {
     /// Chooses among `endpoints` with `settings`; `None` when there are none.
-    pub fn pick(&self, endpoints: &[SocketAddr], settings: &Settings) -> Option<Pick> {
-        let index = match (endpoints.len(), settings.algorithm) {
-            (0, _) => return None,
-            (1, _) => 0,
-            (n, Algorithm::RoundRobin) => self.next.fetch_add(1, Ordering::Relaxed) % n,
+    pub fn pick(self: &Arc<Self>, endpoints: &[SocketAddr], settings: &Settings) -> Option<Pick> {
+        self.pick_avoiding(endpoints, settings, None)
+    }
+
+    /// As [`Balancer::pick`], preferring any endpoint but `avoid` (a retry goes
+    /// elsewhere when it can). Ejected endpoints are skipped; one whose ejection is
+    /// over gets this request as its probe; when all are out, all are used.
+    pub fn pick_avoiding(
+        self: &Arc<Self>,
+        endpoints: &[SocketAddr],
+        settings: &Settings,
+        avoid: Option<SocketAddr>,
+    ) -> Option<Pick> {
+        let n = endpoints.len();
+        if n == 0 {
+            return None;
+        }
+        if avoid.is_none() && self.ejected.load(Ordering::Relaxed) == 0 {
+            // The common case: everyone admitted, no allocation.
+            let index = self.choose(endpoints, settings, 0..n);
+            return Some(self.make_pick(endpoints, index, settings, false));
+        }
+        let loads: Vec<Arc<EndpointLoad>> = endpoints.iter().map(|a| self.load(*a, settings)).collect();
+        if let Some(index) = loads.iter().position(|l| l.outlier.claim_probe()) {
+            return Some(self.make_pick(endpoints, index, settings, true));
+        }
+        let mut candidates: Vec<usize> = (0..n).filter(|&i| !loads[i].outlier.is_out()).collect();
+        if candidates.is_empty() {
+            // Panic mode: better to try an ejected endpoint than to fail for certain.
+            candidates = (0..n).collect();
+        }
+        if let Some(avoid) = avoid
+            && candidates.len() > 1
+        {
+            candidates.retain(|&i| endpoints[i] != avoid);
+        }
+        let index = self.choose(endpoints, settings, candidates.into_iter());
+        Some(self.make_pick(endpoints, index, settings, false))
+    }
+
+    /// P2C (or round robin) among the `candidates` indexes of `endpoints`.
+    fn choose(
+        &self,
+        endpoints: &[SocketAddr],
+        settings: &Settings,
+        candidates: impl ExactSizeIterator<Item = usize> + Clone,
+    ) -> usize {
+        let n = candidates.len();
+        let nth = |k: usize| candidates.clone().nth(k).unwrap_or(0);
+        match (n, settings.algorithm) {
+            (0 | 1, _) => nth(0),
+            (n, Algorithm::RoundRobin) => nth(self.next.fetch_add(1, Ordering::Relaxed) % n),
             (n, Algorithm::Ewma) => {
                 let mut rng = rand::rng();
                 let a = rng.random_range(0..n);
                 let b = (a + rng.random_range(1..n)) % n;
+                let (a, b) = (nth(a), nth(b));
                 let (ca, cb) = (
                     self.load(endpoints[a], settings).cost(settings.decay),
                     self.load(endpoints[b], settings).cost(settings.decay),
                 );
                 if cb < ca { b } else { a }
             }
-        };
+        }
+    }
+
+    fn make_pick(self: &Arc<Self>, endpoints: &[SocketAddr], index: usize, settings: &Settings, probe: bool) -> Pick {
         let load = self.load(endpoints[index], settings);
         let now = load.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
         load.in_flight_gauge.set(f64::from(now));
         load.requests.increment(1);
-        Some(Pick {
+        Pick {
             index,
             load,
+            balancer: self.clone(),
+            of: endpoints.len(),
+            outlier: settings.outlier,
+            probe,
+            reported: false,
             decay: settings.decay,
             started: Instant::now(),
             sampled: false,
-        })
+        }
     }
 
     /// The statistics of `addr`, created on first sight at the mean estimate of the
@@ -237,22 +359,45 @@ impl Balancer {
 
     /// Forgets endpoints that are no longer in `current` (after a discovery update).
     pub fn retain(&self, current: &[SocketAddr]) {
-        self.loads
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|a, _| current.contains(a));
+        self.loads.lock().unwrap_or_else(|e| e.into_inner()).retain(|a, load| {
+            let keep = current.contains(a);
+            if !keep && load.outlier.is_out() {
+                self.ejected.fetch_sub(1, Ordering::Relaxed);
+            }
+            keep
+        });
     }
 
-    /// Every endpoint's (address, last RTT estimate in seconds, in flight), for admin
-    /// pages. Reading does not decay or otherwise change the estimates.
-    pub fn snapshot(&self) -> Vec<(SocketAddr, f64, u32)> {
+    /// Every endpoint's state, for admin pages. Reading does not decay or otherwise
+    /// change the estimates.
+    pub fn snapshot(&self) -> Vec<EndpointSnapshot> {
         let loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
         loads
             .iter()
-            .map(|(a, l)| (*a, l.ewma.lock().unwrap_or_else(|e| e.into_inner()).0, l.in_flight()))
+            .map(|(a, l)| EndpointSnapshot {
+                addr: *a,
+                rtt: l.ewma.lock().unwrap_or_else(|e| e.into_inner()).0,
+                in_flight: l.in_flight(),
+                state: l.outlier.state(),
+            })
             .collect()
     }
 }
+
+/// One endpoint as admin pages show it.
+#[derive(Debug, Clone, Copy)]
+pub struct EndpointSnapshot {
+    /// Its app address.
+    pub addr: SocketAddr,
+    /// The last Peak-EWMA RTT estimate, s.
+    pub rtt: f64,
+    /// Requests in flight.
+    pub in_flight: u32,
+    /// Its circuit-breaker state.
+    pub state: crate::outlier::State,
+}
+
+impl Balancer {}
 
 /// Balancers for every service, by `<name>.<namespace>`.
 #[derive(Debug, Default)]
@@ -288,8 +433,8 @@ impl Balancers {
         });
     }
 
-    /// Every endpoint's RTT estimate (s) and in-flight count, by service then address.
-    pub fn snapshot(&self) -> HashMap<String, Vec<(SocketAddr, f64, u32)>> {
+    /// Every endpoint's state, by service.
+    pub fn snapshot(&self) -> HashMap<String, Vec<EndpointSnapshot>> {
         let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
         services.iter().map(|(name, b)| (name.clone(), b.snapshot())).collect()
     }
@@ -306,7 +451,7 @@ mod tests {
     /// Simulates steady load with `concurrency` requests in flight for `steps` ms of
     /// paused time; `rtt(i)` is endpoint i's response time. Returns picks per endpoint.
     async fn simulate(
-        b: &Balancer,
+        b: &Arc<Balancer>,
         eps: &[SocketAddr],
         concurrency: usize,
         steps: u32,
@@ -338,7 +483,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_slow_endpoint_loses_its_share_and_wins_it_back_when_idle() {
-        let b = Balancer::default();
+        let b = Arc::new(Balancer::default());
         let eps = addrs(3);
         simulate(&b, &eps, 6, 2000, |_| 10).await;
         // Endpoint 0 slows by 50 ms: within 2 s it gets under 10 % of requests.
@@ -357,7 +502,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_new_endpoint_is_tried_and_not_starved() {
-        let b = Balancer::default();
+        let b = Arc::new(Balancer::default());
         let mut eps = addrs(3);
         simulate(&b, &eps, 6, 2000, |_| 10).await;
         eps.push(SocketAddr::from(([127, 0, 0, 9], 80)));
@@ -373,7 +518,7 @@ mod tests {
             .build()
             .unwrap();
         rt.block_on(async {
-            let b = Balancer::default();
+            let b = Arc::new(Balancer::default());
             let s = Settings::default();
             let eps = addrs(1);
             let p = b.pick(&eps, &s).unwrap();

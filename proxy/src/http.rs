@@ -34,6 +34,9 @@ pub const METHOD: HeaderName = HeaderName::from_static("wary-method");
 /// See [`METHOD`].
 pub const PATH: HeaderName = HeaderName::from_static("wary-path");
 
+/// On responses to the app: how many attempts the request took (retries + 1).
+pub const ATTEMPTS: HeaderName = HeaderName::from_static("wary-attempts");
+
 /// On responses the proxy generated itself: a short machine-readable cause, e.g.
 /// `no-endpoints`, `connect-failed`, `tls-wrong_identity`.
 pub const ERROR: HeaderName = HeaderName::from_static("wary-error");
@@ -81,11 +84,12 @@ pub fn strip_mesh_headers(headers: &mut HeaderMap) {
     }
 }
 
-/// A response from upstream, ready to relay downstream: hop-by-hop headers removed,
-/// the body streamed through untouched.
+/// A response from upstream, ready to relay downstream: hop-by-hop headers and the
+/// mesh's own headers removed, the body streamed through untouched.
 pub fn relay(response: Response<hyper::body::Incoming>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
+    strip_mesh_headers(&mut parts.headers);
     Response::from_parts(parts, body.boxed())
 }
 
@@ -101,28 +105,30 @@ pub fn empty() -> Body {
 pub const MAX_HEADER_LIST_SIZE: u32 = 64 * 1024;
 
 /// How long a request that says `Expect: 100-continue` keeps its body back while the
-/// server may still refuse it: 1 s, the wait curl and Go's `net/http` allow the server
-/// before they send the body anyway.
+/// server may still refuse it: 250 ms, a quarter of the 1 s curl and Go's `net/http`
+/// allow a server before they send the body anyway.
 ///
 /// The proxy cannot relay the server's `100 Continue` across the mesh (hyper carries no
 /// informational responses over HTTP/2), so it holds the client's body until the server
 /// answers — then the body is never sent, as the client intended — or this much time
-/// has passed.
-pub const EXPECT_CONTINUE_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+/// has passed. Envoy answers `100` itself at once instead, which makes every client
+/// upload even to a server that will refuse; the cost here is at most 250 ms on an
+/// upload the server accepts.
+pub const EXPECT_CONTINUE_WAIT: std::time::Duration = std::time::Duration::from_millis(250);
 
-/// A request body that is not read until [`EXPECT_CONTINUE_WAIT`] has passed; the
-/// client is sent `100 Continue` only when the body is first read.
+/// A request body that is not read until a wait ([`EXPECT_CONTINUE_WAIT`] by default)
+/// has passed; the client is sent `100 Continue` only when the body is first read.
 pub struct ExpectContinue<B> {
     inner: B,
     wait: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl<B> ExpectContinue<B> {
-    /// Holds back `inner`.
-    pub fn new(inner: B) -> Self {
+    /// Holds back `inner` for `wait`.
+    pub fn new(inner: B, wait: std::time::Duration) -> Self {
         Self {
             inner,
-            wait: Some(Box::pin(tokio::time::sleep(EXPECT_CONTINUE_WAIT))),
+            wait: Some(Box::pin(tokio::time::sleep(wait))),
         }
     }
 }
@@ -160,14 +166,62 @@ pub fn expects_continue<B: hyper::body::Body>(req: &http::Request<B>) -> bool {
             .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"100-continue"))
 }
 
-/// The request body to send on: held back per [`ExpectContinue`] when the client
-/// asked to wait for the server.
-pub fn request_body(expect_continue: bool, body: hyper::body::Incoming) -> Body {
-    if expect_continue {
-        ExpectContinue::new(body).boxed()
-    } else {
-        body.boxed()
+/// A request body, held back for `wait` per [`ExpectContinue`] when the client asked
+/// to wait for the server (`Some`).
+pub fn gate_body<B>(wait: Option<std::time::Duration>, body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin + Send + Sync + 'static,
+{
+    match wait {
+        Some(wait) => ExpectContinue::new(body, wait).boxed(),
+        None => body.boxed(),
     }
+}
+
+/// Whether a request is a gRPC call (`content-type: application/grpc...`).
+pub fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The client's deadline from its `grpc-timeout` header (gRPC over HTTP/2: up to 8
+/// digits and a unit, `H` `M` `S` `m` `u` `n`); `None` when absent or malformed.
+pub fn grpc_timeout(headers: &HeaderMap) -> Option<std::time::Duration> {
+    let v = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = v.split_at(v.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    use std::time::Duration as D;
+    Some(match unit {
+        "H" => D::from_secs(n * 3600),
+        "M" => D::from_secs(n * 60),
+        "S" => D::from_secs(n),
+        "m" => D::from_millis(n),
+        "u" => D::from_micros(n),
+        "n" => D::from_nanos(n),
+        _ => return None,
+    })
+}
+
+/// An error the proxy generated: for a gRPC call, HTTP 200 with the `grpc-status`
+/// matching `status` (503 → UNAVAILABLE, 504 → DEADLINE_EXCEEDED, 403 →
+/// PERMISSION_DENIED, an overloaded service → RESOURCE_EXHAUSTED; after Linkerd);
+/// otherwise [`error_response`].
+pub fn proxy_error(grpc: bool, status: StatusCode, cause: &'static str, message: String) -> Response<Body> {
+    if !grpc {
+        return error_response(status, cause, message);
+    }
+    let code = match (status, cause) {
+        (_, "overloaded") => 8,
+        (StatusCode::GATEWAY_TIMEOUT, _) => 4,
+        (StatusCode::FORBIDDEN, _) => 7,
+        (StatusCode::BAD_REQUEST, _) => 3,
+        _ => 14,
+    };
+    grpc_error(code, cause, message)
 }
 
 /// A small body.

@@ -188,6 +188,10 @@ impl Inbound {
                 });
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .max_header_list_size(h::MAX_HEADER_LIST_SIZE)
+                    // A peer whose machine vanished (no FIN) is noticed in 15 s, and its
+                    // tunnels and their app connections closed.
+                    .keep_alive_interval(Duration::from_secs(10))
+                    .keep_alive_timeout(Duration::from_secs(5))
                     .timer(TokioTimer::new())
                     .serve_connection(TokioIo::new(tls), service)
                     .await;
@@ -226,15 +230,40 @@ impl Inbound {
                 );
             }
         };
-        let header = |name| req.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+        let header = |name| {
+            req.headers()
+                .get(name)
+                .and_then(|v: &HeaderValue| std::str::from_utf8(v.as_bytes()).ok())
+        };
         let (method, path) = match kind {
             Kind::Http1 | Kind::Http2 => (Some(req.method().as_str()), Some(req.uri().path())),
-            Kind::Upgrade => (
-                header(h::METHOD),
-                header(h::PATH).map(|p| p.split('?').next().unwrap_or(p)),
-            ),
+            Kind::Upgrade => match (header(h::METHOD), header(h::PATH), req.headers().get(h::UPGRADE)) {
+                (Some(method), Some(path), Some(_)) => (Some(method), Some(path.split('?').next().unwrap_or(path))),
+                _ => {
+                    return error_response(
+                        StatusCode::BAD_REQUEST,
+                        "not-mesh",
+                        "an h1-upgrade CONNECT carries wary-method, wary-path and wary-upgrade".into(),
+                    );
+                }
+            },
             Kind::Tcp => (None, None),
         };
+        // An origin-form path only: anything else could redirect the connection to the
+        // app (`@host:port` reads as userinfo and a new authority).
+        if let Some(path) = path
+            && !path.starts_with('/')
+            && !(path == "*" && method == Some("OPTIONS"))
+        {
+            return error_response(
+                StatusCode::BAD_REQUEST,
+                "bad-path",
+                format!(
+                    "the request path must start with '/': {:?}",
+                    path.escape_debug().to_string()
+                ),
+            );
+        }
         if let Some(denied) = self.authorize(client, method, path, port, req.headers()) {
             return denied;
         }
@@ -366,8 +395,11 @@ impl Inbound {
         };
         let (parts, _) = req.into_parts();
         let mut headers = parts.headers;
-        let take =
-            |headers: &mut http::HeaderMap, name| headers.remove(name).and_then(|v| v.to_str().ok().map(str::to_owned));
+        let take = |headers: &mut http::HeaderMap, name| {
+            headers
+                .remove(name)
+                .and_then(|v| std::str::from_utf8(v.as_bytes()).ok().map(str::to_owned))
+        };
         let (Some(method), Some(path), Some(protocol)) = (
             take(&mut headers, h::METHOD).and_then(|m| Method::from_bytes(m.as_bytes()).ok()),
             take(&mut headers, h::PATH),
@@ -390,6 +422,7 @@ impl Inbound {
         {
             headers.insert(http::header::HOST, host);
         }
+        let asked = protocol.clone();
         tunnel::ask_upgrade(&mut headers, protocol);
         let mut upgrade = Request::new(h::empty());
         *upgrade.method_mut() = method;
@@ -406,9 +439,9 @@ impl Inbound {
             let switched = response.headers().get(http::header::UPGRADE).cloned();
             let (mut parts, _) = response.into_parts();
             h::strip_hop_by_hop(&mut parts.headers);
-            if let Some(protocol) = switched {
-                parts.headers.insert(h::UPGRADE, protocol);
-            }
+            h::strip_mesh_headers(&mut parts.headers);
+            // A 101 without its Upgrade header switched to what was asked.
+            parts.headers.insert(h::UPGRADE, switched.unwrap_or(asked));
             parts.status = StatusCode::OK;
             tunnel::spawn_joined(downstream, upstream, app.to_string(), self.drain.track());
             return Response::from_parts(parts, h::empty());
@@ -419,6 +452,7 @@ impl Inbound {
         // Declined with a 200: a 200 opens the peer's tunnel, so the body goes through it.
         let (mut parts, body) = response.into_parts();
         h::strip_hop_by_hop(&mut parts.headers);
+        h::strip_mesh_headers(&mut parts.headers);
         parts.headers.remove(http::header::CONTENT_LENGTH);
         tokio::spawn(async move {
             let Ok(down) = downstream.await else { return };
@@ -503,8 +537,15 @@ enum Kind {
 /// How long the inbound waits for the app to accept a tunnelled TCP connection: 1 s.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
+/// `http://<app><path>`, built from parts: the authority is always the app's.
 fn app_uri(app: SocketAddr, path: &str) -> Option<Uri> {
-    format!("http://{app}{path}").parse().ok()
+    Uri::builder()
+        .scheme("http")
+        .authority(app.to_string())
+        .path_and_query(path)
+        .build()
+        .ok()
+        .filter(|uri| uri.authority().is_some_and(|a| a.as_str() == app.to_string()))
 }
 
 fn app_unavailable(app: SocketAddr, e: &hyper_util::client::legacy::Error) -> Response<Body> {

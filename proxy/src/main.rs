@@ -18,7 +18,7 @@ use wary_proxy::control::ControlPlane;
 use wary_proxy::drain::Drain;
 use wary_proxy::identity::{IdentityConfig, TokenSource};
 use wary_proxy::inbound::Inbound;
-use wary_proxy::outbound::Outbound;
+use wary_proxy::outbound::{Outbound, OutboundConfig};
 use wary_proxy::pool::PeerPool;
 use wary_proxy::{admin::Admin, detect, discovery, identity, metrics as m, state::Cache};
 
@@ -74,6 +74,14 @@ struct Args {
     /// Comma-separated; an empty value turns detection on everywhere.
     #[arg(long, env = "WARY_OPAQUE_PORTS", value_parser = PortList::parse, default_value_t = PortList(detect::DEFAULT_OPAQUE_PORTS.to_vec()))]
     opaque_ports: PortList,
+    /// How long protocol detection waits for a redirected connection's first bytes
+    /// before carrying it as opaque TCP, ms (transparent mode).
+    #[arg(long, env = "WARY_DETECT_TIMEOUT_MS", default_value_t = 1000)]
+    detect_timeout_ms: u64,
+    /// How long a request that says `Expect: 100-continue` holds its body back while
+    /// the server may still refuse it, ms.
+    #[arg(long, env = "WARY_EXPECT_CONTINUE_WAIT_MS", default_value_t = 250)]
+    expect_continue_wait_ms: u64,
     /// TCP + TLS connect timeout to peers, ms (Linkerd's default).
     #[arg(long, env = "WARY_CONNECT_TIMEOUT_MS", default_value_t = 1000)]
     connect_timeout_ms: u64,
@@ -82,7 +90,8 @@ struct Args {
     admin_addr: SocketAddr,
     /// After SIGTERM, the longest the proxy keeps carrying the app's traffic before it
     /// exits, s; it exits sooner once the app's connections have closed. Kubernetes'
-    /// default termination grace period.
+    /// default termination grace period, so the kubelet's SIGKILL may come first: set
+    /// it below the pod's `terminationGracePeriodSeconds` to see "proxy stopped".
     #[arg(long, env = "WARY_SHUTDOWN_GRACE_PERIOD_S", default_value_t = 30)]
     shutdown_grace_period_s: u64,
     /// Log format: `text` or `json`. The level is set with RUST_LOG (default `info`).
@@ -99,9 +108,9 @@ impl PortList {
         s.split(',')
             .map(str::trim)
             .filter(|p| !p.is_empty())
-            .map(|p| {
-                p.parse()
-                    .map_err(|_| format!("{p:?} is not a port (1-65535); give ports like 25,3306"))
+            .map(|p| match p.parse::<u16>() {
+                Ok(port) if port > 0 => Ok(port),
+                _ => Err(format!("{p:?} is not a port (1-65535); give ports like 25,3306")),
             })
             .collect::<Result<_, _>>()
             .map(PortList)
@@ -197,13 +206,13 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_millis(args.connect_timeout_ms),
     ));
     let drain = Arc::new(Drain::default());
-    let outbound = Arc::new(Outbound::new(
-        cache.clone(),
-        pool,
+    let outbound_config = OutboundConfig {
         namespace,
-        args.opaque_ports.0,
-        drain.clone(),
-    ));
+        opaque_ports: args.opaque_ports.0,
+        detect_timeout: Duration::from_millis(args.detect_timeout_ms),
+        expect_continue_wait: Duration::from_millis(args.expect_continue_wait_ms),
+    };
+    let outbound = Arc::new(Outbound::new(cache.clone(), pool, outbound_config, drain.clone()));
     let admin = Admin {
         prometheus,
         cache: cache.clone(),

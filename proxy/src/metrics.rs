@@ -31,6 +31,22 @@ pub const ENDPOINT_EWMA: &str = "wary_proxy_endpoint_ewma_seconds";
 pub const ENDPOINT_IN_FLIGHT: &str = "wary_proxy_endpoint_in_flight";
 /// Counter, by `service` and `endpoint`: requests sent to the endpoint.
 pub const ENDPOINT_REQUESTS: &str = "wary_proxy_endpoint_requests_total";
+/// Gauge, by `service` and `endpoint`: 1 while the endpoint is out of rotation
+/// (ejected by outlier detection, or on probation), else 0.
+pub const ENDPOINT_EJECTED: &str = "wary_proxy_endpoint_ejected";
+/// Counter, by `service` and `endpoint`: times the endpoint was ejected after
+/// consecutive failures (failed probes not included).
+pub const ENDPOINT_EJECTIONS: &str = "wary_proxy_endpoint_ejections_total";
+
+/// Counter, by `service` and `result` (`sent`, `budget_exhausted`, `not_retryable`
+/// for a request with a body too large to replay): retries.
+pub const RETRIES: &str = "wary_proxy_retries_total";
+/// Counter, by `service`: requests refused at once by the bulkhead
+/// (`TrafficPolicy.connectionPool`).
+pub const OVERFLOWS: &str = "wary_proxy_bulkhead_overflows_total";
+/// Counter, by `direction` and `service` and `code` (the status class, `2xx`...`5xx`):
+/// responses returned to the client, after any retries.
+pub const RESPONSES: &str = "wary_proxy_responses_total";
 
 /// Counter, by `decision` (`allow`, `deny`) and `policy` (the deciding
 /// AuthorizationPolicy's `<name>.<namespace>`, or `default`): inbound requests

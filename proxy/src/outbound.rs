@@ -33,7 +33,8 @@ use tokio::net::{TcpListener, TcpStream};
 use wary_certs::SpiffeId;
 
 use crate::balance::{Balancers, Pick};
-use crate::routes::{RouteTable, Via};
+use crate::retry::{self, Overflow, ReplayBody, RetryOn};
+use crate::routes::{PortTargets, Route, RouteTable, Target, Via};
 
 use crate::detect::{self, Prefixed, Protocol};
 use crate::drain::Drain;
@@ -51,21 +52,32 @@ pub struct Outbound {
     balancers: Arc<Balancers>,
     routes: Arc<ArcSwap<RouteTable>>,
     opaque_ports: Vec<u16>,
+    detect_timeout: Duration,
+    expect_continue_wait: Duration,
     drain: Arc<Drain>,
 }
 
+/// How the outbound side behaves; `main` fills it from flags.
+#[derive(Debug, Clone)]
+pub struct OutboundConfig {
+    /// The client's namespace, for bare host names.
+    pub namespace: String,
+    /// Redirected connections to these ports skip protocol detection (default
+    /// [`detect::DEFAULT_OPAQUE_PORTS`]).
+    pub opaque_ports: Vec<u16>,
+    /// How long detection waits for a redirected connection's first bytes (default
+    /// [`detect::DETECT_TIMEOUT`], 1 s).
+    pub detect_timeout: Duration,
+    /// How long a request with `Expect: 100-continue` holds its body back for the
+    /// server's answer (default [`h::EXPECT_CONTINUE_WAIT`], 250 ms).
+    pub expect_continue_wait: Duration,
+}
+
 impl Outbound {
-    /// Routes with the discovery state in `cache`, for a client in `namespace`, over
-    /// connections from `pool`. Redirected connections to `opaque_ports` skip protocol
-    /// detection (default [`detect::DEFAULT_OPAQUE_PORTS`]). Each app connection counts
-    /// as open work for `drain` while it lasts.
-    pub fn new(
-        cache: Arc<Cache>,
-        pool: Arc<PeerPool>,
-        namespace: String,
-        opaque_ports: Vec<u16>,
-        drain: Arc<Drain>,
-    ) -> Self {
+    /// Routes with the discovery state in `cache` over connections from `pool`, as
+    /// `config` says. Each app connection and tunnel counts as open work for `drain`
+    /// while it lasts.
+    pub fn new(cache: Arc<Cache>, pool: Arc<PeerPool>, config: OutboundConfig, drain: Arc<Drain>) -> Self {
         let balancers = Arc::new(Balancers::default());
         let routes = Arc::new(ArcSwap::from_pointee(RouteTable::build(&cache.load(), &balancers)));
         tokio::spawn(follow_discovery(
@@ -80,11 +92,13 @@ impl Outbound {
         connector.set_nodelay(true);
         Self {
             pool,
-            namespace,
+            namespace: config.namespace,
             passthrough: Client::builder(TokioExecutor::new()).build(connector),
             balancers,
             routes,
-            opaque_ports,
+            opaque_ports: config.opaque_ports,
+            detect_timeout: config.detect_timeout,
+            expect_continue_wait: config.expect_continue_wait,
             drain,
         }
     }
@@ -131,8 +145,17 @@ impl Outbound {
         let protocol = if self.opaque_ports.contains(&original.port()) || declared_opaque() {
             Protocol::Opaque
         } else {
-            detect::detect(&mut tcp, &mut first, detect::DETECT_TIMEOUT).await
+            detect::detect(&mut tcp, &mut first, self.detect_timeout).await
         };
+        if protocol == Protocol::Opaque && first.is_empty() {
+            tracing::info!(
+                %original,
+                "the client sent nothing for {:?}: carried as opaque TCP; if its server speaks first, \
+                 add port {} to WARY_OPAQUE_PORTS or declare the Service port appProtocol: tcp",
+                self.detect_timeout,
+                original.port()
+            );
+        }
         let io = Prefixed::new(first.freeze(), tcp);
         match protocol {
             Protocol::Http => self.serve_http(io, Some(original)).await,
@@ -255,7 +278,7 @@ impl Outbound {
             Mode::Http
         };
         let port = dst.port_u16().unwrap_or(80);
-        let routes = self.routes.load();
+        let routes = self.routes.load_full();
         let found = match original {
             // Redirected: where the app was going decides, not what its Host says.
             Some(original) => routes.by_original(original),
@@ -266,6 +289,9 @@ impl Outbound {
             return self.forward_plain(req, mode, dst, original, None).await;
         };
         route.requests.increment(1);
+        if let Mode::Http = mode {
+            return self.forward_http(req, &dst, route, targets).await;
+        }
         let Some(pick) = route.balancer.pick(&targets.addrs, &route.settings) else {
             return error_response(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -288,37 +314,226 @@ impl Outbound {
                     identity: &identity,
                     app_port: u32::from(app_port),
                 };
-                match mode {
-                    Mode::Http => self.forward_mesh(req, &hop, pick).await,
-                    tunnel => self.tunnel_mesh(req, tunnel, &hop, pick).await,
-                }
+                self.tunnel_mesh(req, mode, &hop, pick).await
             }
         }
     }
 
-    /// Over the mesh: HTTP/2 over mTLS to the peer proxy.
-    async fn forward_mesh(&self, req: Request<Incoming>, hop: &Hop<'_>, mut pick: Pick) -> Response<Body> {
+    /// A request to a mesh service: admitted by its bulkhead, within its deadline,
+    /// tried on up to `attempts` endpoints as its retry policy and budget allow.
+    async fn forward_http(
+        &self,
+        req: Request<Incoming>,
+        dst: &Authority,
+        route: &Route,
+        targets: &PortTargets,
+    ) -> Response<Body> {
+        let grpc = h::is_grpc(req.headers());
+        let slot = match route.balancer.bulkhead.admit(route.policy.pool).await {
+            Ok(slot) => slot,
+            Err(Overflow::Pending(waiting)) => {
+                route.overflows.increment(1);
+                return h::proxy_error(
+                    grpc,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "overloaded",
+                    format!(
+                        "{}: {} requests in flight and {waiting} waiting, the most its connectionPool allows",
+                        route.name,
+                        route.policy.pool.max_requests.unwrap_or(0)
+                    ),
+                );
+            }
+        };
+        let client_deadline = h::grpc_timeout(req.headers());
+        let deadline = match (route.policy.request_timeout, client_deadline) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let attempts = self.attempts(req, dst, route, targets, grpc);
+        let response = match deadline {
+            None => attempts.await,
+            Some(deadline) => match tokio::time::timeout(deadline, attempts).await {
+                Ok(response) => response,
+                Err(_) => h::proxy_error(
+                    grpc,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "request-timeout",
+                    format!("{}: no answer within {deadline:?}", route.name),
+                ),
+            },
+        };
+        route.count_response(response.status());
+        // The slot is held while the response streams.
+        response.map(|body| {
+            body.map_frame(move |frame| {
+                let _slot = &slot;
+                frame
+            })
+            .boxed()
+        })
+    }
+
+    /// The attempts of one request; see [`crate::retry`].
+    async fn attempts(
+        &self,
+        req: Request<Incoming>,
+        dst: &Authority,
+        route: &Route,
+        targets: &PortTargets,
+        grpc: bool,
+    ) -> Response<Body> {
+        let retry = &route.policy.retry;
         let expect_continue = h::expects_continue(&req);
         let (mut parts, body) = req.into_parts();
         let proto = if parts.version == Version::HTTP_2 { "h2" } else { "h1" };
         h::strip_hop_by_hop(&mut parts.headers);
         h::strip_mesh_headers(&mut parts.headers);
-        parts.headers.insert(h::DST_PORT, HeaderValue::from(hop.app_port));
         parts.headers.insert(h::ORIG_PROTO, HeaderValue::from_static(proto));
-        parts.headers.remove(http::header::HOST);
-        parts.uri = with_authority(&parts.uri, hop.dst);
-        parts.version = Version::HTTP_2;
-        let mut sender = match self.pool.get(hop.peer, hop.identity).await {
-            Ok(s) => s,
-            Err(e) => return connect_error(&e),
-        };
-        let body = h::request_body(expect_continue, body);
-        match sender.send_request(Request::from_parts(parts, body)).await {
-            Ok(response) => {
-                pick.first_byte();
-                hold_until_body_ends(h::relay(response), pick)
+        let idempotent = retry::idempotent(&parts.method);
+        let first = ReplayBody::new(body, retry.max_body_bytes);
+        // A handle on what the first attempt keeps; each retry replays from it.
+        let kept = first.replay();
+        let mut body = h::gate_body(expect_continue.then_some(self.expect_continue_wait), first);
+        route.balancer.budget.deposit(retry.budget_ttl);
+        let mut avoid = None;
+        for attempt in 1..=retry.attempts {
+            let Some(mut pick) = route.balancer.pick_avoiding(&targets.addrs, &route.settings, avoid) else {
+                return h::proxy_error(
+                    grpc,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "no-endpoints",
+                    format!("{}:{}: no ready endpoints", route.name, dst.port_u16().unwrap_or(80)),
+                );
+            };
+            let target = &targets.targets[pick.index];
+            let head = clone_head(&parts);
+            let sent = self.send_once(head, body, dst, target, route.policy.per_try_timeout, grpc);
+            let outcome = sent.await;
+            let (response, retryable, reached) = match outcome {
+                Ok(response) => {
+                    pick.first_byte();
+                    let status = response.status();
+                    if status.is_server_error() {
+                        pick.failure();
+                    } else {
+                        pick.success();
+                    }
+                    let retryable = retry.retryable_answer(status, response.headers());
+                    (hold_until_body_ends(h::relay(response), pick), retryable, true)
+                }
+                Err((failure, response)) => {
+                    // A refused stream says nothing about the endpoint's health.
+                    if failure != Failure::RefusedStream {
+                        pick.failure();
+                    }
+                    drop(pick);
+                    let retryable = retry.retry_on.has(failure.condition());
+                    (response, retryable, failure.reached())
+                }
+            };
+            let last = attempt == retry.attempts;
+            // A request the app may have seen is sent again only if it is idempotent.
+            let safe = idempotent || !reached;
+            if !retryable || last || !safe {
+                return with_attempts(response, attempt);
             }
-            Err(e) => self.peer_failed(&sender, hop, &e),
+            let Some(replay) = kept.as_ref().and_then(ReplayBody::replay) else {
+                route.retries_not_replayable.increment(1);
+                return with_attempts(response, attempt);
+            };
+            if !route.balancer.budget.withdraw(retry) {
+                route.retries_budget_exhausted.increment(1);
+                tracing::debug!(service = %route.name, "retry budget exhausted");
+                return with_attempts(response, attempt);
+            }
+            route.retries_sent.increment(1);
+            drop(response);
+            avoid = Some(target.app);
+            body = replay.boxed();
+            tokio::time::sleep(retry.backoff(attempt)).await;
+        }
+        unreachable!("the last attempt returns")
+    }
+
+    /// One attempt to `target`: through its proxy over mTLS, or plain when it has none.
+    async fn send_once(
+        &self,
+        head: Head,
+        body: Body,
+        dst: &Authority,
+        target: &Target,
+        per_try: Option<Duration>,
+        grpc: bool,
+    ) -> Result<Response<Incoming>, (Failure, Response<Body>)> {
+        let send = async {
+            match &target.via {
+                Via::Mesh { peer, identity } => {
+                    let mut parts = head.into_parts();
+                    parts.headers.insert(h::DST_PORT, HeaderValue::from(target.app.port()));
+                    parts.headers.remove(http::header::HOST);
+                    parts.uri = with_authority(&parts.uri, dst);
+                    parts.version = Version::HTTP_2;
+                    let mut sender = match self.pool.get(*peer, identity).await {
+                        Ok(sender) => sender,
+                        Err(e) => return Err((Failure::Connect, connect_error(&e))),
+                    };
+                    match sender.send_request(Request::from_parts(parts, body)).await {
+                        Ok(response) => Ok(response),
+                        Err(e) => {
+                            let failure = Failure::of(&e);
+                            let hop = Hop {
+                                dst,
+                                peer: *peer,
+                                identity,
+                                app_port: u32::from(target.app.port()),
+                            };
+                            Err((failure, self.peer_failed(&sender, &hop, &e)))
+                        }
+                    }
+                }
+                Via::Plain => {
+                    let mut parts = head.into_parts();
+                    parts.headers.remove(h::ORIG_PROTO);
+                    if !parts.headers.contains_key(http::header::HOST)
+                        && let Ok(host) = HeaderValue::from_str(dst.as_str())
+                    {
+                        parts.headers.insert(http::header::HOST, host);
+                    }
+                    parts.uri = with_authority(&parts.uri, &authority_of(target.app));
+                    parts.version = Version::HTTP_11;
+                    match self.passthrough.request(Request::from_parts(parts, body)).await {
+                        Ok(response) => Ok(response),
+                        Err(e) => {
+                            let failure = if e.is_connect() {
+                                Failure::Connect
+                            } else {
+                                Failure::Reset
+                            };
+                            let message = format!("{}: {}", target.app, crate::control::causes(&e));
+                            Err((
+                                failure,
+                                error_response(StatusCode::BAD_GATEWAY, "connect-failed", message),
+                            ))
+                        }
+                    }
+                }
+            }
+        };
+        let Some(per_try) = per_try else {
+            return send.await;
+        };
+        match tokio::time::timeout(per_try, send).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err((
+                Failure::Timeout,
+                h::proxy_error(
+                    grpc,
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "per-try-timeout",
+                    format!("{}: no answer within the per-try timeout {per_try:?}", target.app),
+                ),
+            )),
         }
     }
 
@@ -345,7 +560,10 @@ impl Outbound {
                     HeaderValue::from_str(parts.method.as_str()).expect("methods are tokens"),
                 );
                 let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
-                headers.insert(h::PATH, HeaderValue::from_str(path).expect("paths are visible ASCII"));
+                headers.insert(
+                    h::PATH,
+                    HeaderValue::from_str(path).expect("a URI's path is a valid header value"),
+                );
                 (downstream, Some(protocol))
             }
             Mode::Http => unreachable!("plain requests are not tunnelled"),
@@ -371,13 +589,13 @@ impl Outbound {
         h::strip_mesh_headers(&mut parts.headers);
         match (asked, switched) {
             (None, _) => {
-                tunnel::spawn_joined(downstream, upstream, what, pick);
+                tunnel::spawn_joined(downstream, upstream, what, (pick, self.drain.track()));
                 Response::new(h::empty())
             }
             (Some(_), Some(protocol)) => {
                 tunnel::ask_upgrade(&mut parts.headers, protocol);
                 parts.status = StatusCode::SWITCHING_PROTOCOLS;
-                tunnel::spawn_joined(downstream, upstream, what, pick);
+                tunnel::spawn_joined(downstream, upstream, what, (pick, self.drain.track()));
                 Response::from_parts(parts, h::empty())
             }
             // The app answered 200 without switching: its body follows in the stream.
@@ -452,7 +670,7 @@ impl Outbound {
                 return match connect.await {
                     Ok(Ok(tcp)) => {
                         let _ = tcp.set_nodelay(true);
-                        tunnel::spawn_bridge(downstream, tcp, target.to_string(), pick);
+                        tunnel::spawn_bridge(downstream, tcp, target.to_string(), (pick, self.drain.track()));
                         Response::new(h::empty())
                     }
                     Ok(Err(e)) => error_response(StatusCode::BAD_GATEWAY, "connect-failed", format!("{target}: {e}")),
@@ -478,7 +696,7 @@ impl Outbound {
         }
         parts.uri = with_authority(&parts.uri, &target);
         parts.version = Version::HTTP_11;
-        let body = h::request_body(expect_continue, body);
+        let body = h::gate_body(expect_continue.then_some(self.expect_continue_wait), body);
         let mut response = match self.passthrough.request(Request::from_parts(parts, body)).await {
             Ok(response) => response,
             Err(e) => {
@@ -496,7 +714,7 @@ impl Outbound {
             // The 101 keeps its Connection and Upgrade headers: they are this hop's too.
             let (parts, _) = response.into_parts();
             let what = target.to_string();
-            tunnel::spawn_joined(downstream, upstream, what, pick);
+            tunnel::spawn_joined(downstream, upstream, what, (pick, self.drain.track()));
             return Response::from_parts(parts, h::empty());
         }
         match pick {
@@ -507,6 +725,82 @@ impl Outbound {
             None => h::relay(response),
         }
     }
+}
+
+/// A request's method, URI, version and headers, copied for each attempt.
+struct Head {
+    method: Method,
+    uri: Uri,
+    version: Version,
+    headers: http::HeaderMap,
+}
+
+impl Head {
+    fn into_parts(self) -> http::request::Parts {
+        let mut req = Request::new(());
+        *req.method_mut() = self.method;
+        *req.uri_mut() = self.uri;
+        *req.version_mut() = self.version;
+        *req.headers_mut() = self.headers;
+        req.into_parts().0
+    }
+}
+
+fn clone_head(parts: &http::request::Parts) -> Head {
+    Head {
+        method: parts.method.clone(),
+        uri: parts.uri.clone(),
+        version: parts.version,
+        headers: parts.headers.clone(),
+    }
+}
+
+/// How an attempt failed without an answer from the app.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Failure {
+    /// No connection to the endpoint (or its proxy): the request never left.
+    Connect,
+    /// The peer refused the stream (HTTP/2 REFUSED_STREAM): never processed.
+    RefusedStream,
+    /// The stream or connection broke: the app may have seen the request.
+    Reset,
+    /// No answer within the per-try timeout: the app may have seen it.
+    Timeout,
+}
+
+impl Failure {
+    fn of(e: &hyper::Error) -> Failure {
+        let refused = std::error::Error::source(e)
+            .and_then(|s| s.downcast_ref::<h2::Error>())
+            .and_then(h2::Error::reason)
+            == Some(h2::Reason::REFUSED_STREAM);
+        if refused {
+            Failure::RefusedStream
+        } else {
+            Failure::Reset
+        }
+    }
+
+    /// The `retry_on` condition this failure is.
+    fn condition(self) -> RetryOn {
+        match self {
+            Failure::Connect => RetryOn::CONNECT_FAILURE,
+            Failure::RefusedStream => RetryOn::REFUSED_STREAM,
+            Failure::Reset => RetryOn::RESET,
+            Failure::Timeout => RetryOn::GATEWAY_ERROR,
+        }
+    }
+
+    /// Whether the app may have seen the request.
+    fn reached(self) -> bool {
+        matches!(self, Failure::Reset | Failure::Timeout)
+    }
+}
+
+/// Records the attempts on the response for the app: `wary-attempts: <n>`.
+fn with_attempts(mut response: Response<Body>, attempts: u32) -> Response<Body> {
+    response.headers_mut().insert(h::ATTEMPTS, HeaderValue::from(attempts));
+    response
 }
 
 /// How a request travels.

@@ -20,6 +20,8 @@ use wary_proto::discovery::{Protocol, Service};
 
 use crate::balance::{Algorithm, Balancer, Balancers, Settings};
 use crate::metrics as m;
+use crate::outlier::OutlierSettings;
+use crate::retry::{PoolLimits, RetryOn, RetrySettings};
 use crate::state::DiscoveryState;
 
 /// Where one endpoint is reached.
@@ -64,12 +66,32 @@ pub struct Route {
     pub name: String,
     /// Balancer settings from its TrafficPolicy.
     pub settings: Settings,
+    /// Retries, bulkhead and timeouts from its TrafficPolicy.
+    pub policy: Policy,
     /// Its balancer (statistics survive updates).
     pub balancer: Arc<Balancer>,
     /// Requests to it, `wary_proxy_requests_total{direction="outbound",service=…}`.
     pub requests: metrics::Counter,
     /// Ready targets by service port.
     pub ports: HashMap<u16, PortTargets>,
+    /// `wary_proxy_retries_total{result="sent"}` for this service.
+    pub retries_sent: metrics::Counter,
+    /// `wary_proxy_retries_total{result="budget_exhausted"}`.
+    pub retries_budget_exhausted: metrics::Counter,
+    /// `wary_proxy_retries_total{result="not_retryable"}`: a body too large to replay.
+    pub retries_not_replayable: metrics::Counter,
+    /// `wary_proxy_bulkhead_overflows_total`.
+    pub overflows: metrics::Counter,
+    /// `wary_proxy_responses_total` by status class, 1xx to 5xx.
+    pub responses: [metrics::Counter; 5],
+}
+
+impl Route {
+    /// Counts a response returned to the client.
+    pub fn count_response(&self, status: http::StatusCode) {
+        let class = usize::from(status.as_u16() / 100).clamp(1, 5) - 1;
+        self.responses[class].increment(1);
+    }
 }
 
 /// Routes by every name a client may use, and by the addresses a redirected
@@ -89,7 +111,8 @@ impl RouteTable {
     /// Endpoints whose address does not parse are skipped (discovery already refuses
     /// them, so none should reach here).
     pub fn build(state: &DiscoveryState, balancers: &Balancers) -> Self {
-        let (mut by_name, mut by_vip, mut by_endpoint) = (HashMap::new(), HashMap::new(), HashMap::new());
+        let (mut by_name, mut by_vip) = (HashMap::new(), HashMap::new());
+        let mut by_endpoint: HashMap<SocketAddr, (Arc<Route>, PortTargets)> = HashMap::new();
         for (name, service) in &state.services.items {
             let mut ports: HashMap<u16, PortTargets> = HashMap::new();
             for e in state.endpoints.items.get(name).iter().flat_map(|e| e.endpoints.iter()) {
@@ -122,9 +145,17 @@ impl RouteTable {
             let route = Arc::new(Route {
                 name: name.clone(),
                 settings: settings(service),
+                policy: policy(service),
                 balancer: balancers.get(name),
                 requests: metrics::counter!(m::REQUESTS, "direction" => "outbound", "service" => name.clone()),
                 ports,
+                retries_sent: metrics::counter!(m::RETRIES, "service" => name.clone(), "result" => "sent"),
+                retries_budget_exhausted: metrics::counter!(m::RETRIES, "service" => name.clone(), "result" => "budget_exhausted"),
+                retries_not_replayable: metrics::counter!(m::RETRIES, "service" => name.clone(), "result" => "not_retryable"),
+                overflows: metrics::counter!(m::OVERFLOWS, "service" => name.clone()),
+                responses: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|code| {
+                    metrics::counter!(m::RESPONSES, "direction" => "outbound", "service" => name.clone(), "code" => code)
+                }),
             });
             by_name.insert(name.clone(), route.clone());
             for host in &service.hostnames {
@@ -140,7 +171,14 @@ impl RouteTable {
                         addrs: vec![target.app],
                         opaque: port.opaque,
                     };
-                    by_endpoint.insert(target.app, (route.clone(), only));
+                    // An address in two services goes to the first by name, whatever
+                    // the map's order, so it does not flip between updates.
+                    match by_endpoint.entry(target.app) {
+                        std::collections::hash_map::Entry::Occupied(e) if e.get().0.name <= route.name => {}
+                        entry => {
+                            let _ = entry.insert_entry((route.clone(), only));
+                        }
+                    }
                 }
             }
         }
@@ -178,26 +216,101 @@ impl RouteTable {
     }
 }
 
+/// What a service's traffic policy asks of requests, beyond endpoint choice.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    /// Retries.
+    pub retry: RetrySettings,
+    /// Bulkhead limits.
+    pub pool: PoolLimits,
+    /// The whole request, retries included; `None`: no limit but the client's own
+    /// (`grpc-timeout`).
+    pub request_timeout: Option<Duration>,
+    /// Each attempt; `None`: no limit.
+    pub per_try_timeout: Option<Duration>,
+}
+
+fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
+    d.and_then(|d| {
+        Some(Duration::new(
+            u64::try_from(d.seconds).ok()?,
+            u32::try_from(d.nanos).ok()?,
+        ))
+    })
+    .filter(|d| !d.is_zero())
+}
+
+/// The retry, bulkhead and timeout settings a service's traffic policy asks for.
+fn policy(service: &Service) -> Policy {
+    let tp = service.traffic_policy.as_ref();
+    let mut retry = RetrySettings::default();
+    if let Some(r) = tp.and_then(|tp| tp.retries.as_ref()) {
+        if let Some(attempts) = r.attempts {
+            retry.attempts = attempts.max(1);
+        }
+        if !r.retry_on.is_empty() {
+            // The control plane refuses unknown names, so none are lost here.
+            retry.retry_on = r
+                .retry_on
+                .iter()
+                .filter_map(|n| RetryOn::named(n))
+                .fold(RetryOn(0), RetryOn::union);
+        }
+        retry.status_codes = r
+            .retriable_status_codes
+            .iter()
+            .filter_map(|c| u16::try_from(*c).ok())
+            .collect();
+        if let Some(b) = &r.budget {
+            retry.budget_ratio = b.ratio.unwrap_or(retry.budget_ratio).clamp(0.0, 1.0);
+            retry.min_retries_per_second = b.min_retries_per_second.unwrap_or(retry.min_retries_per_second);
+            retry.budget_ttl = duration(b.ttl.as_ref()).unwrap_or(retry.budget_ttl);
+        }
+        if let Some(b) = &r.backoff {
+            retry.backoff_base = duration(b.base_interval.as_ref()).unwrap_or(retry.backoff_base);
+            retry.backoff_max = duration(b.max_interval.as_ref()).unwrap_or(retry.backoff_max);
+        }
+        if let Some(max) = r.max_body_bytes {
+            retry.max_body_bytes = usize::try_from(max).unwrap_or(usize::MAX);
+        }
+    }
+    let pool = tp
+        .and_then(|tp| tp.connection_pool.as_ref())
+        .map_or(PoolLimits::default(), |p| PoolLimits {
+            max_requests: p.max_requests,
+            max_pending_requests: p.max_pending_requests,
+        });
+    let timeouts = tp.and_then(|tp| tp.timeouts.as_ref());
+    Policy {
+        retry,
+        pool,
+        request_timeout: duration(timeouts.and_then(|t| t.request.as_ref())),
+        per_try_timeout: duration(timeouts.and_then(|t| t.per_try.as_ref())),
+    }
+}
+
 /// The balancer settings a service's traffic policy asks for.
 fn settings(service: &Service) -> Settings {
     let lb = service.traffic_policy.as_ref().and_then(|tp| tp.load_balancer.as_ref());
-    let duration = |d: Option<&prost_types::Duration>| {
-        d.and_then(|d| {
-            Some(Duration::new(
-                u64::try_from(d.seconds).ok()?,
-                u32::try_from(d.nanos).ok()?,
-            ))
-        })
-    };
+    let od = service
+        .traffic_policy
+        .as_ref()
+        .and_then(|tp| tp.outlier_detection.as_ref());
     let defaults = Settings::default();
+    let mut outlier = OutlierSettings::default();
+    if let Some(od) = od {
+        outlier.consecutive_failures = od.consecutive_failures.unwrap_or(outlier.consecutive_failures);
+        outlier.base_ejection_time = duration(od.base_ejection_time.as_ref()).unwrap_or(outlier.base_ejection_time);
+        outlier.max_ejection_time = duration(od.max_ejection_time.as_ref()).unwrap_or(outlier.max_ejection_time);
+        outlier.max_ejection_percent = od.max_ejection_percent.unwrap_or(100).min(100);
+    }
     Settings {
         algorithm: match lb.map(|lb| lb.algorithm()) {
             Some(PbAlgorithm::RoundRobin) => Algorithm::RoundRobin,
             _ => Algorithm::Ewma,
         },
-        decay: duration(lb.and_then(|lb| lb.decay.as_ref()))
-            .filter(|d| !d.is_zero())
-            .unwrap_or(defaults.decay),
+        decay: duration(lb.and_then(|lb| lb.decay.as_ref())).unwrap_or(defaults.decay),
         default_rtt: duration(lb.and_then(|lb| lb.default_rtt.as_ref())).unwrap_or(defaults.default_rtt),
+        outlier,
     }
 }

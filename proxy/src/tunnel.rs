@@ -28,7 +28,7 @@ use crate::http::Body;
 /// The protocol an HTTP/1.1 request asks to switch to (its `Upgrade` value), when it
 /// asks properly: `Connection: upgrade` names the header (RFC 9110 §7.8) and there is
 /// no body to carry first. `None` for anything else, which is then proxied as a plain
-/// request (the `Upgrade` header is hop-by-hop and goes).
+/// request (the `Upgrade` header is hop-by-hop and goes) — and for `h2c`.
 pub fn upgrade_protocol<B: hyper::body::Body>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 || !req.body().is_end_stream() {
         return None;
@@ -43,7 +43,13 @@ pub fn upgrade_protocol<B: hyper::body::Body>(req: &Request<B>) -> Option<Header
     if !asks {
         return None;
     }
-    req.headers().get(header::UPGRADE).cloned()
+    let protocol = req.headers().get(header::UPGRADE)?;
+    // h2c would carry later requests past per-request authorization, balancing and
+    // metrics in one tunnel (h2c smuggling); RFC 9113 deprecates the upgrade anyway.
+    let h2c = protocol
+        .to_str()
+        .map_or(true, |v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c")));
+    (!h2c).then(|| protocol.clone())
 }
 
 /// Adds `Connection: upgrade` and `Upgrade: <protocol>` to an HTTP/1.1 message.
@@ -139,5 +145,7 @@ mod tests {
         assert_eq!(upgrade_protocol(&ws).unwrap(), "websocket");
         assert!(upgrade_protocol(&req(&[("upgrade", "websocket")])).is_none());
         assert!(upgrade_protocol(&req(&[("connection", "upgrade")])).is_none());
+        let h2c = req(&[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c")]);
+        assert!(upgrade_protocol(&h2c).is_none());
     }
 }

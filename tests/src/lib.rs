@@ -313,8 +313,20 @@ impl Proxy {
     /// As [`Proxy::start_at`], with the outbound listener on `outbound` (where iptables
     /// redirects, in transparent mode).
     pub async fn start_listening(cp: &ControlPlane, workload: &str, inbound: SocketAddr, outbound: SocketAddr) -> Self {
+        Self::start_with(cp, workload, inbound, outbound, &[]).await
+    }
+
+    /// As [`Proxy::start_listening`], with extra environment (`WARY_*` settings).
+    pub async fn start_with(
+        cp: &ControlPlane,
+        workload: &str,
+        inbound: SocketAddr,
+        outbound: SocketAddr,
+        env: &[(&str, &str)],
+    ) -> Self {
         let token = cp.token(workload).await;
         let mut child = Command::new(binary("wary-proxy"))
+            .envs(env.iter().copied())
             .args(["--control-plane", &cp.discovery_url(), "--workload", workload])
             .args(["--admin-addr", "127.0.0.1:0", "--outbound-addr", &outbound.to_string()])
             .args(["--inbound-addr", &inbound.to_string()])
@@ -612,6 +624,8 @@ pub struct App {
     pub served: Arc<std::sync::atomic::AtomicU64>,
     /// Extra time before each answer, ms: set it to slow the app down on command.
     pub delay_ms: Arc<std::sync::atomic::AtomicU64>,
+    /// The status every answer carries (200 unless set): make the app fail on command.
+    pub status: Arc<std::sync::atomic::AtomicU16>,
 }
 
 impl Drop for App {
@@ -629,13 +643,14 @@ impl App {
             .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
         let served = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let delay_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
-        let (name, count, delay) = (name.to_string(), served.clone(), delay_ms.clone());
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let (name, count, delay, code) = (name.to_string(), served.clone(), delay_ms.clone(), status.clone());
         let task = tokio::spawn(async move {
             loop {
                 let Ok((tcp, _)) = listener.accept().await else {
                     continue;
                 };
-                let (name, count, delay) = (name.clone(), count.clone(), delay.clone());
+                let (name, count, delay, code) = (name.clone(), count.clone(), delay.clone(), code.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                         count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -643,11 +658,13 @@ impl App {
                         let seen = req.headers().get("wary-client-id").cloned();
                         let body = format!("hello from {name}");
                         let wait = Duration::from_millis(delay.load(std::sync::atomic::Ordering::Relaxed));
+                        let code = code.load(std::sync::atomic::Ordering::Relaxed);
                         async move {
                             if !wait.is_zero() {
                                 tokio::time::sleep(wait).await;
                             }
                             let mut response = hyper::Response::new(Full::new(bytes::Bytes::from(body)));
+                            *response.status_mut() = hyper::StatusCode::from_u16(code).unwrap_or_default();
                             if let Some(seen) = seen {
                                 response.headers_mut().insert("x-seen-client-id", seen);
                             }
@@ -660,7 +677,12 @@ impl App {
                 });
             }
         });
-        Self { task, served, delay_ms }
+        Self {
+            task,
+            served,
+            delay_ms,
+            status,
+        }
     }
 }
 

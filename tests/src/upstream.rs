@@ -39,6 +39,10 @@ pub struct Seen {
     pub body_bytes: AtomicU64,
     /// Every request's `<method> <path>`, in order.
     pub requests: Mutex<Vec<String>>,
+    /// How many of the next `/flaky` requests answer 503 (after reading the body).
+    pub fail_next: AtomicU64,
+    /// Every `/flaky` request's body, in order.
+    pub bodies: Mutex<Vec<Bytes>>,
 }
 
 /// An HTTP/1.1 and HTTP/2 (prior knowledge) server:
@@ -50,6 +54,8 @@ pub struct Seen {
 /// * `/sink`: reads the body and answers its size;
 /// * `/bytes?n=N`: N zero bytes, streamed in 64 KiB chunks;
 /// * `/ws`: a WebSocket echo;
+/// * `/flaky`: reads and records the body, then answers 503 while
+///   [`Seen::fail_next`] counts down, 200 after;
 /// * anything else: `hello from <name>`, with the request's `wary-client-id`, `host`
 ///   and `expect` echoed in `x-seen-*` headers, and an HTTP/2 request's `:authority` in
 ///   `x-seen-authority`.
@@ -124,6 +130,24 @@ async fn route(mut req: Request<Incoming>, name: &str, seen: &Seen) -> Response<
                 .headers_mut()
                 .insert("trailer", HeaderValue::from_static("x-checksum"));
             response
+        }
+        "/flaky" => {
+            let body = req
+                .into_body()
+                .collect()
+                .await
+                .map(|b| b.to_bytes())
+                .unwrap_or_default();
+            seen.bodies.lock().unwrap().push(body);
+            let failing = seen
+                .fail_next
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+                .is_ok();
+            let mut r = Response::new(full(if failing { "failing as asked\n" } else { "ok\n" }));
+            if failing {
+                *r.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            r
         }
         "/upload" if !req.headers().contains_key("authorization") => {
             let mut r = Response::new(full("log in first\n"));

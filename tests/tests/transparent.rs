@@ -11,7 +11,7 @@
 
 use std::net::SocketAddr;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
@@ -79,6 +79,9 @@ fn redirected_connections_are_detected_and_carried_over_mtls() {
             "--nocapture",
         ])
         .env(INSIDE, "1")
+        // Detection waits 30 s, longer than any wait in the test: a server-first port
+        // that is not treated as opaque shows as a timeout, not as a slow figure.
+        .env("WARY_DETECT_TIMEOUT_MS", "30000")
         .status()
         .expect("run the test inside the namespace");
     assert!(
@@ -163,15 +166,12 @@ spec:
     let mut db = connect_from_client(&format!("{NET}.2:3306")).await;
     let started = Instant::now();
     assert_eq!(read_exactly(&mut db, 14).await, "220 db ready\r\n");
-    let waited = started.elapsed();
-    eprintln!("opaque port: greeting {waited:?} after connect");
-    assert!(waited < Duration::from_millis(500), "the greeting took {waited:?}");
+    eprintln!("opaque port: greeting {:?} after connect", started.elapsed());
     // The same on a port the Service declares `appProtocol: tcp`.
     let mut mail = connect_from_client(&format!("{NET}.2:2525")).await;
     let started = Instant::now();
     assert_eq!(read_exactly(&mut mail, 16).await, "220 mail ready\r\n");
-    let waited = started.elapsed();
-    assert!(waited < Duration::from_millis(500), "the greeting took {waited:?}");
+    eprintln!("appProtocol: tcp port: greeting {:?} after connect", started.elapsed());
     // A client that speaks first, not HTTP: detected as opaque and carried whole.
     let mut raw = connect_from_client(&format!("{NET}.2:7001")).await;
     raw.write_all(b"\x16\x03\x01 not http").await.unwrap();
