@@ -39,7 +39,9 @@ impl Admin {
             let (stream, _) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
-                    tracing::warn!(error = %e, "admin accept failed");
+                    // Out of file descriptors, say: back off rather than spin.
+                    tracing::warn!(error = %e, "admin accept failed; retrying in 100 ms");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                     continue;
                 }
             };

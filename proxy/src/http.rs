@@ -79,9 +79,107 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap) {
 
 /// Removes the headers only proxies may set, so nothing outside can forge them.
 pub fn strip_mesh_headers(headers: &mut HeaderMap) {
-    for name in [CLIENT_ID, DST_PORT, ORIG_PROTO, UPGRADE, METHOD, PATH] {
+    for name in MESH_HEADERS {
         headers.remove(name);
     }
+    // `wary_client_id` reaches CGI- and WSGI-style apps as the same variable as
+    // `wary-client-id`: such look-alikes go too.
+    if headers.keys().any(|k| k.as_str().contains('_')) {
+        let lookalikes: Vec<HeaderName> = headers
+            .keys()
+            .filter(|k| k.as_str().contains('_'))
+            .filter(|k| {
+                let dashed = k.as_str().replace('_', "-");
+                MESH_HEADERS.iter().any(|m| m.as_str() == dashed)
+            })
+            .cloned()
+            .collect();
+        for name in lookalikes {
+            headers.remove(name);
+        }
+    }
+}
+
+/// The headers only proxies may set.
+const MESH_HEADERS: [HeaderName; 6] = [CLIENT_ID, DST_PORT, ORIG_PROTO, UPGRADE, METHOD, PATH];
+
+/// A request body whose trailers lose any mesh header, so a client cannot forge one
+/// there either.
+pub fn strip_mesh_trailers<B>(body: B) -> Body
+where
+    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + 'static,
+{
+    body.map_frame(|frame| match frame.into_trailers() {
+        Ok(mut trailers) => {
+            strip_mesh_headers(&mut trailers);
+            hyper::body::Frame::trailers(trailers)
+        }
+        Err(frame) => frame,
+    })
+    .boxed()
+}
+
+/// The size of a header block as HTTP/2 counts it against SETTINGS_MAX_HEADER_LIST_SIZE:
+/// each field's name and value plus 32 bytes (RFC 9113 §6.5.2).
+pub fn header_list_size(headers: &HeaderMap) -> usize {
+    headers.iter().map(|(k, v)| k.as_str().len() + v.len() + 32).sum()
+}
+
+/// The path as authorization must see it (after Istio's default normalization):
+/// percent-encoded unreserved characters decoded, `.` and `..` segments resolved
+/// (RFC 3986 §5.2.4), runs of `/` merged. `Err` for a path no app should be asked to
+/// interpret: an encoded `/` or `\`, or `..` above the root.
+pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static str> {
+    let needs = path.contains('%') || path.contains("//") || path.contains("/.") || path.contains('\\');
+    if !needs {
+        return Ok(std::borrow::Cow::Borrowed(path));
+    }
+    let bytes = path.as_bytes();
+    let mut decoded = String::with_capacity(path.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = path.get(i + 1..i + 3).ok_or("a truncated percent-encoding")?;
+            let byte = u8::from_str_radix(hex, 16).map_err(|_| "an invalid percent-encoding")?;
+            match byte {
+                b'/' | b'\\' => return Err("an encoded '/' or '\\'"),
+                b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => decoded.push(char::from(b)),
+                _ => {
+                    decoded.push('%');
+                    decoded.push_str(&hex.to_ascii_uppercase());
+                }
+            }
+            i += 3;
+        } else {
+            decoded.push(char::from(bytes[i]));
+            i += 1;
+        }
+    }
+    if decoded.contains('\\') {
+        return Err("a '\\' in the path");
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    for segment in decoded.split('/').skip(1) {
+        match segment {
+            "" | "." => {}
+            ".." => {
+                if segments.pop().is_none() {
+                    return Err("'..' above the root");
+                }
+            }
+            s => segments.push(s),
+        }
+    }
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut out = String::with_capacity(decoded.len());
+    for s in &segments {
+        out.push('/');
+        out.push_str(s);
+    }
+    if out.is_empty() || trailing {
+        out.push('/');
+    }
+    Ok(std::borrow::Cow::Owned(out))
 }
 
 /// A response from upstream, ready to relay downstream: hop-by-hop headers and the
@@ -267,6 +365,34 @@ pub fn grpc_error(code: u32, cause: &'static str, message: String) -> Response<B
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn paths_are_normalized_as_authorization_sees_them() {
+        for (raw, want) in [
+            ("/secret.txt", "/secret.txt"),
+            ("//secret.txt", "/secret.txt"),
+            ("/./secret.txt", "/secret.txt"),
+            ("/x/../secret.txt", "/secret.txt"),
+            ("/%73ecret.txt", "/secret.txt"),
+            ("/a//b/", "/a/b/"),
+            ("/a/%20b", "/a/%20b"),
+            ("/", "/"),
+        ] {
+            assert_eq!(normalize_path(raw).unwrap(), want, "{raw}");
+        }
+        for bad in ["/%2fsecret.txt", "/a%5Cb", "/../etc/passwd", "/%zz", "/a\\b"] {
+            assert!(normalize_path(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn lookalike_mesh_headers_go_too() {
+        let mut h = HeaderMap::new();
+        h.insert("wary_client_id", HeaderValue::from_static("spiffe://x/ns/a/sa/admin"));
+        h.insert("x_kept", HeaderValue::from_static("1"));
+        strip_mesh_headers(&mut h);
+        assert_eq!(h.len(), 1);
+    }
 
     #[test]
     fn hop_by_hop_headers_go_including_those_connection_names() {

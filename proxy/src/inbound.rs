@@ -73,7 +73,12 @@ impl Inbound {
             cache,
             policy,
             reserved,
-            http1: Client::builder(TokioExecutor::new()).build_http(),
+            // Idle connections to the app close after 90 s (hyper's default, which needs
+            // the timer to run).
+            http1: Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .build_http(),
             http2: AppH2::default(),
             drain,
         }
@@ -199,7 +204,7 @@ impl Inbound {
         }
     }
 
-    async fn handle(&self, req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
         let client = &peer.id;
         let port = req
             .headers()
@@ -264,8 +269,27 @@ impl Inbound {
                 ),
             );
         }
+        // Authorization sees the normalized path, and so does the app: `//secret`,
+        // `/./secret` and `/%73ecret` are all `/secret` to both.
+        let normalized = match path.map(h::normalize_path) {
+            Some(Err(why)) => {
+                return error_response(
+                    StatusCode::BAD_REQUEST,
+                    "bad-path",
+                    format!("the request path has {why}; send it without"),
+                );
+            }
+            Some(Ok(std::borrow::Cow::Owned(p))) => Some(p),
+            _ => None,
+        };
+        let path = normalized.as_deref().or(path);
         if let Some(denied) = self.authorize(client, method, path, port, req.headers()) {
             return denied;
+        }
+        if let Some(normalized) = normalized
+            && with_path(&mut req, kind, &normalized).is_none()
+        {
+            return error_response(StatusCode::BAD_REQUEST, "bad-path", "request path is invalid".into());
         }
         metrics::counter!(m::REQUESTS, "direction" => "inbound", "service" => "local").increment(1);
         let app = std::net::SocketAddr::new(self.app_ip, port);
@@ -328,7 +352,8 @@ impl Inbound {
             // The app sees the :authority the client used; the connection goes to the
             // app's port whatever it names.
             parts.version = Version::HTTP_2;
-            return match self.http2.send(app, Request::from_parts(parts, body.boxed())).await {
+            let body = h::strip_mesh_trailers(body);
+            return match self.http2.send(app, Request::from_parts(parts, body)).await {
                 Ok(response) => h::relay(response),
                 Err(e) => error_response(
                     StatusCode::BAD_GATEWAY,
@@ -349,7 +374,11 @@ impl Inbound {
             None => return error_response(StatusCode::BAD_REQUEST, "bad-path", "request path is invalid".into()),
         };
         parts.version = Version::HTTP_11;
-        match self.http1.request(Request::from_parts(parts, body.boxed())).await {
+        match self
+            .http1
+            .request(Request::from_parts(parts, h::strip_mesh_trailers(body)))
+            .await
+        {
             Ok(response) => h::relay(response),
             Err(e) => app_unavailable(app, &e),
         }
@@ -536,6 +565,32 @@ enum Kind {
 
 /// How long the inbound waits for the app to accept a tunnelled TCP connection: 1 s.
 const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Puts the normalized `path` in place of the request's (its query kept): the URI's
+/// path, or for an upgrade the `wary-path` header. `None` when the result is not a
+/// valid path.
+fn with_path(req: &mut Request<Incoming>, kind: Kind, path: &str) -> Option<()> {
+    if kind == Kind::Upgrade {
+        let original = req
+            .headers()
+            .get(h::PATH)
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        let query = original
+            .iter()
+            .position(|b| *b == b'?')
+            .map(|i| &original[i..])
+            .unwrap_or(&[]);
+        let value = HeaderValue::from_bytes(&[path.as_bytes(), query].concat()).ok()?;
+        req.headers_mut().insert(h::PATH, value);
+        return Some(());
+    }
+    let query = req.uri().query().map(|q| format!("?{q}")).unwrap_or_default();
+    let mut parts = req.uri().clone().into_parts();
+    parts.path_and_query = Some(format!("{path}{query}").parse().ok()?);
+    *req.uri_mut() = Uri::from_parts(parts).ok()?;
+    Some(())
+}
 
 /// `http://<app><path>`, built from parts: the authority is always the app's.
 fn app_uri(app: SocketAddr, path: &str) -> Option<Uri> {

@@ -28,7 +28,7 @@ use hyper::service::service_fn;
 use hyper::upgrade::OnUpgrade;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpStream};
 use wary_certs::SpiffeId;
 
@@ -52,6 +52,9 @@ pub struct Outbound {
     balancers: Arc<Balancers>,
     routes: Arc<ArcSwap<RouteTable>>,
     opaque_ports: Vec<u16>,
+    /// This proxy's `Via` entry on requests it forwards outside the mesh; seeing it
+    /// come back means a loop.
+    via: HeaderValue,
     detect_timeout: Duration,
     expect_continue_wait: Duration,
     drain: Arc<Drain>,
@@ -93,7 +96,14 @@ impl Outbound {
         Self {
             pool,
             namespace: config.namespace,
-            passthrough: Client::builder(TokioExecutor::new()).build(connector),
+            // Idle connections outside the mesh close after 90 s, at most 8 kept per host.
+            passthrough: Client::builder(TokioExecutor::new())
+                .pool_timer(TokioTimer::new())
+                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_max_idle_per_host(8)
+                .build(connector),
+            via: HeaderValue::try_from(format!("1.1 wary-{:08x}", rand::random::<u32>()))
+                .expect("a token is a header value"),
             balancers,
             routes,
             opaque_ports: config.opaque_ports,
@@ -175,8 +185,15 @@ impl Outbound {
         let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         // A client that shuts its side down after sending a request still awaits the
         // answer (RFC 9112 §9.6): that is not a cancellation.
-        server.http1().half_close(true);
-        server.http2().max_header_list_size(h::MAX_HEADER_LIST_SIZE);
+        // A client gets 30 s to send its request head (hyper's default once it has a
+        // timer): slow-header clients cannot hold connections forever.
+        server.http1().half_close(true).timer(TokioTimer::new());
+        server
+            .http2()
+            .max_header_list_size(h::MAX_HEADER_LIST_SIZE)
+            .timer(TokioTimer::new())
+            .keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(5));
         let _ = server.serve_connection_with_upgrades(TokioIo::new(io), service).await;
     }
 
@@ -246,6 +263,31 @@ impl Outbound {
     }
 
     async fn handle(&self, mut req: Request<Incoming>, original: Option<SocketAddr>) -> Response<Body> {
+        if req
+            .headers()
+            .get_all(http::header::VIA)
+            .iter()
+            .any(|v| v.as_bytes().windows(self.via.len()).any(|w| w == self.via.as_bytes()))
+        {
+            return error_response(
+                StatusCode::LOOP_DETECTED,
+                "loop-detected",
+                "this request already passed through this proxy: its destination leads back here".into(),
+            );
+        }
+        // Between proxies a header block may be at most 64 KiB; refuse a larger one
+        // here, where it is one client's problem, rather than on the shared connection.
+        let size = h::header_list_size(req.headers());
+        if size > h::MAX_HEADER_LIST_SIZE as usize {
+            return error_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers-too-large",
+                format!(
+                    "the request's headers take {size} bytes; the mesh carries at most {} bytes",
+                    h::MAX_HEADER_LIST_SIZE
+                ),
+            );
+        }
         let Some(dst) = destination(&req).or_else(|| original.map(authority_of)) else {
             return error_response(
                 StatusCode::BAD_REQUEST,
@@ -285,6 +327,17 @@ impl Outbound {
             None => routes.by_name(dst.host(), port, &self.namespace),
         };
         let Some((route, targets)) = found else {
+            if original.is_none()
+                && let Some(service) = routes.resolve(dst.host(), &self.namespace)
+            {
+                let mut ports: Vec<u16> = service.ports.keys().copied().collect();
+                ports.sort_unstable();
+                return error_response(
+                    StatusCode::NOT_FOUND,
+                    "no-such-port",
+                    format!("{} has no port {port}; its ports: {ports:?}", service.name),
+                );
+            }
             metrics::counter!(m::REQUESTS, "direction" => "outbound", "service" => "passthrough").increment(1);
             return self.forward_plain(req, mode, dst, original, None).await;
         };
@@ -694,6 +747,7 @@ impl Outbound {
         {
             parts.headers.insert(http::header::HOST, host);
         }
+        parts.headers.append(http::header::VIA, self.via.clone());
         parts.uri = with_authority(&parts.uri, &target);
         parts.version = Version::HTTP_11;
         let body = h::gate_body(expect_continue.then_some(self.expect_continue_wait), body);

@@ -81,6 +81,22 @@ async fn policies_allow_deny_and_name_themselves() {
     assert_eq!(status, 403, "{text}");
     assert!(text.contains("denied by no-admin.default"), "{text}");
     assert_eq!(get(web.outbound, "/other").await.0, 403);
+    // The DENY holds however the path is spelled: authorization (and the app) see it
+    // normalized; an encoded slash is refused outright.
+    for spelled in [
+        "//api/admin/users",
+        "/api/./admin/users",
+        "/api/x/../admin/users",
+        "/api/%61dmin/users",
+    ] {
+        let url = format!("http://backend.default:9090{spelled}");
+        let (status, text) = curl_via(web.outbound, &url, &["--path-as-is"]).await;
+        assert_eq!(status, 403, "{spelled}: {text}");
+    }
+    let url = "http://backend.default:9090/api%2fadmin/users";
+    let (status, text) = curl_via(web.outbound, url, &["--path-as-is"]).await;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("wary-error: bad-path"), "{text}");
 
     let metrics = backend.admin_get("/metrics").await;
     assert!(

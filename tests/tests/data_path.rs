@@ -530,6 +530,26 @@ async fn smuggling_and_ambiguous_lengths_never_reach_the_server_and_a_half_close
     assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
     assert!(answer.ends_with("hello from backend-1"), "{answer}");
 
+    // A request whose destination is the proxy itself comes back marked: 508, once.
+    let own = format!("http://{}/loop", m.web.outbound);
+    let looped = curl(m.web.outbound, &["-i", &own]).await;
+    assert!(looped.starts_with("HTTP/1.1 508"), "{looped}");
+    assert!(looped.contains("wary-error: loop-detected"), "{looped}");
+    // Headers beyond what the mesh carries: 431 for this client alone.
+    let huge = format!("x-big: {}", "a".repeat(70 * 1024));
+    let refused = curl(m.web.outbound, &["-i", "-H", &huge, &format!("http://{host}/")]).await;
+    assert!(
+        refused.starts_with("HTTP/1.1 431"),
+        "{}",
+        &refused[..200.min(refused.len())]
+    );
+    // A port the service does not have is named as such.
+    let wrong = curl(m.web.outbound, &["-i", "http://backend.default:4191/"]).await;
+    assert!(
+        wrong.starts_with("HTTP/1.1 404") && wrong.contains("has no port 4191"),
+        "{wrong}"
+    );
+
     let seen = app.seen.requests.lock().unwrap().clone();
     assert!(
         !seen.iter().any(|r| r.contains("smuggled") || r.contains("second")),
