@@ -102,6 +102,15 @@ pub struct WorkloadSpec {
     /// False takes the workload out of every service's endpoints; default true.
     #[serde(default = "default_true")]
     pub ready: bool,
+    /// For `wary up`: the app's command line, run with `HTTP_PROXY` pointing at the
+    /// workload's proxy and `WARY_LISTEN` at `<address>:<first port>`. A first word of
+    /// `wary` runs the `wary` binary itself (its demo apps). Empty: the app is already
+    /// running (or runs elsewhere). The control plane ignores it.
+    #[serde(default)]
+    pub command: Vec<String>,
+    /// For `wary up`: extra environment for `command`.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
 }
 
 /// One app port of a workload.

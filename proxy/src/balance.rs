@@ -83,6 +83,9 @@ pub struct EndpointLoad {
     requests: metrics::Counter,
     ejected_gauge: metrics::Gauge,
     ejections: metrics::Counter,
+    successes: metrics::Counter,
+    failures: metrics::Counter,
+    latency: metrics::Histogram,
 }
 
 impl std::fmt::Debug for EndpointLoad {
@@ -110,6 +113,9 @@ impl EndpointLoad {
             requests: metrics::counter!(m::ENDPOINT_REQUESTS, &labels),
             ejected_gauge: metrics::gauge!(m::ENDPOINT_EJECTED, &labels),
             ejections: metrics::counter!(m::ENDPOINT_EJECTIONS, &labels),
+            successes: metrics::counter!(m::ENDPOINT_RESPONSES, "service" => service.to_string(), "endpoint" => addr.to_string(), "outcome" => "success"),
+            failures: metrics::counter!(m::ENDPOINT_RESPONSES, "service" => service.to_string(), "endpoint" => addr.to_string(), "outcome" => "failure"),
+            latency: metrics::histogram!(m::ENDPOINT_LATENCY, &labels),
         }
     }
 
@@ -177,7 +183,9 @@ impl Pick {
     pub fn first_byte(&mut self) {
         if !self.sampled {
             self.sampled = true;
-            self.load.observe(self.started.elapsed(), self.decay);
+            let rtt = self.started.elapsed();
+            self.load.latency.record(rtt.as_secs_f64());
+            self.load.observe(rtt, self.decay);
         }
     }
 }
@@ -187,6 +195,7 @@ impl Pick {
     /// and a successful probe readmits it.
     pub fn success(&mut self) {
         self.reported = true;
+        self.load.successes.increment(1);
         if self.load.outlier.success(self.probe) {
             self.balancer.ejected.fetch_sub(1, Ordering::Relaxed);
             self.load.ejected_gauge.set(0.0);
@@ -199,6 +208,7 @@ impl Pick {
     /// endpoint stays in rotation and within `max_ejection_percent`.
     pub fn failure(&mut self) {
         self.reported = true;
+        self.load.failures.increment(1);
         let out = self.balancer.ejected.load(Ordering::Relaxed);
         let percent = usize::try_from(self.outlier.max_ejection_percent).unwrap_or(100);
         let may_eject = out + 1 < self.of && (out + 1) * 100 <= self.of * percent;

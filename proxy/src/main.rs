@@ -138,9 +138,26 @@ async fn main() -> anyhow::Result<()> {
         "json" => logs.json().init(),
         other => bail!("--log-format {other:?}: use text or json"),
     }
+    // Latency summaries: p50, p90, p99 over a rolling minute (3 buckets of 20 s).
     let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_quantiles(&[0.5, 0.9, 0.99])
+        .context("quantiles")?
+        .set_bucket_duration(Duration::from_secs(20))
+        .context("bucket duration")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
+    // Histogram samples pile up until drained: drain them every 5 s even if nobody
+    // scrapes /metrics, so memory stays bounded.
+    tokio::spawn({
+        let prometheus = prometheus.clone();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                prometheus.run_upkeep();
+            }
+        }
+    });
     m::describe();
 
     let token = match (args.join_token, args.join_token_file) {

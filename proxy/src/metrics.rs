@@ -31,6 +31,12 @@ pub const ENDPOINT_EWMA: &str = "wary_proxy_endpoint_ewma_seconds";
 pub const ENDPOINT_IN_FLIGHT: &str = "wary_proxy_endpoint_in_flight";
 /// Counter, by `service` and `endpoint`: requests sent to the endpoint.
 pub const ENDPOINT_REQUESTS: &str = "wary_proxy_endpoint_requests_total";
+/// Counter, by `service`, `endpoint` and `outcome` (`success`, `failure`: a 5xx,
+/// connect failure, reset or timeout): attempts answered.
+pub const ENDPOINT_RESPONSES: &str = "wary_proxy_endpoint_responses_total";
+/// Summary, by `service` and `endpoint`: time to the first response byte, seconds
+/// (quantiles over a rolling window of about a minute).
+pub const ENDPOINT_LATENCY: &str = "wary_proxy_endpoint_response_latency_seconds";
 /// Gauge, by `service` and `endpoint`: 1 while the endpoint is out of rotation
 /// (ejected by outlier detection, or on probation), else 0.
 pub const ENDPOINT_EJECTED: &str = "wary_proxy_endpoint_ejected";
