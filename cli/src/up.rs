@@ -7,11 +7,14 @@
 //! per workload with a `command`: the app, HTTP_PROXY=http://<address>:4140
 //! every proxy /ready, then the front door answers ─▶ "mesh ready: <url>"
 //! every second: the live view (see `view`)
-//! Ctrl-C or SIGTERM: apps, then proxies, then the control plane; SIGKILL after 5 s
+//! Ctrl-C, SIGTERM or SIGHUP: apps, then proxies, then the control plane; SIGKILL
+//! after 5 s
 //! ```
 //!
-//! Every child runs in its own process group, so what an app starts goes with it.
-//! Logs go to `<state>/logs/<name>.log`; the state directory is removed at the end.
+//! Every child runs in its own process group, so what an app starts goes with it; if
+//! `wary up` itself fails or panics, dropping the set of children kills every group.
+//! Logs go to `<state>/logs/<name>.log`; the state directory (a private temporary
+//! directory by default) is removed at the end unless something crashed.
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -55,8 +58,8 @@ pub struct UpArgs {
     /// How to show the live view.
     #[arg(long, value_enum, default_value = "auto")]
     view: ViewMode,
-    /// Where the CA, tokens and logs go; default a fresh directory under the system's
-    /// temporary directory, removed at the end.
+    /// Where the CA, tokens and logs go; default a fresh private directory under the
+    /// system's temporary directory, removed at the end.
     #[arg(long)]
     state_dir: Option<PathBuf>,
 }
@@ -73,19 +76,45 @@ struct Workload {
 struct Proc {
     name: String,
     child: Child,
+    /// Its process group (its own pid), kept after the child is reaped.
+    pgid: Option<Pid>,
     exited: bool,
 }
 
-/// Everything started, in start order.
-#[derive(Default)]
-struct Procs(Vec<Proc>);
+/// Everything started, in start order, and where their logs go.
+struct Procs {
+    procs: Vec<Proc>,
+    logs: PathBuf,
+    /// A child exited on its own: the logs are kept for the user.
+    crashed: bool,
+}
+
+impl Drop for Procs {
+    /// On any way out (an error, a panic), nothing started may outlive `wary up`.
+    fn drop(&mut self) {
+        for p in &self.procs {
+            if let Some(pgid) = p.pgid {
+                let _ = killpg(pgid, Signal::SIGKILL);
+            }
+        }
+    }
+}
 
 impl Procs {
+    fn new(logs: PathBuf) -> Self {
+        Self {
+            procs: Vec::new(),
+            logs,
+            crashed: false,
+        }
+    }
+
     /// Starts `cmd` in its own process group, its stderr (and stdout unless `piped`)
     /// in `<logs>/<name>.log`.
-    fn spawn(&mut self, name: &str, cmd: &mut Command, logs: &Path, piped: bool) -> anyhow::Result<&mut Child> {
-        let log = std::fs::File::create(logs.join(format!("{name}.log")))
-            .with_context(|| format!("cannot create the log file for {name} in {}", logs.display()))?;
+    fn spawn(&mut self, name: &str, cmd: &mut Command, piped: bool) -> anyhow::Result<&mut Child> {
+        let path = self.logs.join(format!("{name}.log"));
+        let log =
+            std::fs::File::create(&path).with_context(|| format!("cannot create the log file {}", path.display()))?;
         let stdout = if piped {
             Stdio::piped()
         } else {
@@ -105,23 +134,27 @@ impl Procs {
                     cmd.as_std().get_program()
                 )
             })?;
-        self.0.push(Proc {
+        let pgid = child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw);
+        self.procs.push(Proc {
             name: name.to_string(),
             child,
+            pgid,
             exited: false,
         });
-        Ok(&mut self.0.last_mut().expect("just pushed").child)
+        Ok(&mut self.procs.last_mut().expect("just pushed").child)
     }
 
     /// Reports children that exited since the last call, once each.
     fn reap(&mut self) -> Vec<String> {
         let mut gone = Vec::new();
-        for p in &mut self.0 {
+        for p in &mut self.procs {
             if !p.exited
                 && let Ok(Some(status)) = p.child.try_wait()
             {
                 p.exited = true;
-                gone.push(format!("{} exited ({status}); its log is {}.log", p.name, p.name));
+                self.crashed = true;
+                let log = self.logs.join(format!("{}.log", p.name));
+                gone.push(format!("{} exited ({status}); its log is {}", p.name, log.display()));
             }
         }
         gone
@@ -130,20 +163,19 @@ impl Procs {
     /// Stops everything, newest first (apps, then proxies, then the control plane):
     /// SIGTERM to each process group, then SIGKILL to what is left after `grace`.
     async fn stop(&mut self, grace: Duration) {
-        for p in self.0.iter().rev() {
-            if let Some(pid) = p.child.id() {
-                let _ = killpg(Pid::from_raw(pid as i32), Signal::SIGTERM);
+        for p in self.procs.iter().rev() {
+            if let Some(pgid) = p.pgid {
+                let _ = killpg(pgid, Signal::SIGTERM);
             }
         }
         let deadline = tokio::time::Instant::now() + grace;
-        for p in self.0.iter_mut().rev() {
-            let pgid = p.child.id();
+        for p in self.procs.iter_mut().rev() {
             if tokio::time::timeout_at(deadline, p.child.wait()).await.is_err() {
                 eprintln!("{} did not stop within {grace:?}: killing it", p.name);
             }
             // The group too: anything the child started must not outlive it.
-            if let Some(pgid) = pgid {
-                let _ = killpg(Pid::from_raw(pgid as i32), Signal::SIGKILL);
+            if let Some(pgid) = p.pgid.take() {
+                let _ = killpg(pgid, Signal::SIGKILL);
             }
             let _ = p.child.wait().await;
         }
@@ -211,24 +243,29 @@ fn read_workloads(dir: &Path) -> anyhow::Result<Vec<Workload>> {
         .collect())
 }
 
-/// Runs the mesh until Ctrl-C or SIGTERM.
+/// Runs the mesh until Ctrl-C, SIGTERM or SIGHUP.
 pub async fn run(args: UpArgs) -> anyhow::Result<()> {
     let dir = args.dir.canonicalize().unwrap_or(args.dir.clone());
     let workloads = read_workloads(&dir)?;
     let (state, temporary) = match args.state_dir {
         Some(s) => (s, false),
+        // A private (0700) directory of its own: it holds the CA key and join tokens.
         None => (
-            std::env::temp_dir().join(format!("wary-up-{}", std::process::id())),
+            tempfile::Builder::new()
+                .prefix("wary-up-")
+                .tempdir()
+                .context("cannot create a state directory")?
+                .keep(),
             true,
         ),
     };
     let logs = state.join("logs");
     std::fs::create_dir_all(&logs).with_context(|| format!("cannot create {}", logs.display()))?;
-    let mut procs = Procs::default();
-    let outcome = start_and_watch(&dir, &workloads, &state, &logs, args.view, &mut procs).await;
+    let mut procs = Procs::new(logs.clone());
+    let outcome = start_and_watch(&dir, &workloads, &state, args.view, &mut procs).await;
     eprintln!("stopping everything wary up started...");
     procs.stop(Duration::from_secs(5)).await;
-    if temporary && outcome.is_ok() {
+    if temporary && outcome.is_ok() && !procs.crashed {
         let _ = std::fs::remove_dir_all(&state);
     } else {
         eprintln!("logs kept in {}", logs.display());
@@ -241,19 +278,40 @@ async fn start_and_watch(
     dir: &Path,
     workloads: &[Workload],
     state: &Path,
-    logs: &Path,
     view_mode: ViewMode,
     procs: &mut Procs,
 ) -> anyhow::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    let mut interrupt = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())?;
+    use tokio::signal::unix::{SignalKind, signal};
+    let (mut term, mut interrupt, mut hangup) = (
+        signal(SignalKind::terminate())?,
+        signal(SignalKind::interrupt())?,
+        signal(SignalKind::hangup())?,
+    );
+    // Ctrl-C, SIGTERM, or the terminal closing: at any point, start-up included.
     let stopped = async {
         tokio::select! {
             _ = term.recv() => {}
             _ = interrupt.recv() => {}
+            _ = hangup.recv() => {}
         }
     };
     tokio::pin!(stopped);
+    let (url, admins) = tokio::select! {
+        started = start(dir, workloads, state, procs) => started?,
+        _ = &mut stopped => return Ok(()),
+    };
+    println!("mesh ready: {url}");
+    watch(&url, &admins, view_mode, procs, stopped).await
+}
+
+/// Starts everything; the front door's URL and the proxies' admin addresses once all
+/// are ready.
+async fn start(
+    dir: &Path,
+    workloads: &[Workload],
+    state: &Path,
+    procs: &mut Procs,
+) -> anyhow::Result<(String, BTreeMap<String, String>)> {
     let ca_dir = state.join("ca");
     let store = CaStore::open_or_create(&ca_dir, &wary_certs::TrustDomain::default())
         .with_context(|| format!("cannot create the mesh CA in {}", ca_dir.display()))?;
@@ -265,7 +323,6 @@ async fn start_and_watch(
             .arg("--ca-dir")
             .arg(&ca_dir)
             .args(["--discovery-addr", "127.0.0.1:0", "--admin-addr", "127.0.0.1:0"]),
-        logs,
         true,
     )?;
     let line = first_line(cp, "the control plane").await?;
@@ -276,7 +333,7 @@ async fn start_and_watch(
     );
     println!(
         "control-plane admin=http://{cp_admin} discovery={discovery} logs={}",
-        logs.display()
+        procs.logs.display()
     );
 
     let token_key = store.current()?.token_key.clone();
@@ -299,7 +356,6 @@ async fn start_and_watch(
                 )
                 .env("WARY_OUTBOUND_ADDR", SocketAddr::new(address, 4140).to_string())
                 .env("WARY_ADMIN_ADDR", SocketAddr::new(address, 4191).to_string()),
-            logs,
             true,
         )?;
         let line = first_line(child, &name).await?;
@@ -328,36 +384,37 @@ async fn start_and_watch(
         if let Some(port) = w.spec.ports.first() {
             cmd.env("WARY_LISTEN", SocketAddr::new(w.spec.address, port.port).to_string());
         }
-        procs.spawn(&w.name, &mut cmd, logs, false)?;
+        procs.spawn(&w.name, &mut cmd, false)?;
     }
 
     // Ready: every proxy, then the front door.
-    let ready = async {
-        for (workload, admin) in &admins {
-            wait_for(
-                &format!("the proxy of {workload} to be ready"),
-                &format!("http://{admin}/ready"),
-            )
-            .await?;
+    for (workload, admin) in &admins {
+        let ready = format!("http://{admin}/ready");
+        wait_for(&format!("the proxy of {workload} to be ready"), &ready, true).await?;
+    }
+    let door = workloads.iter().find(|w| w.front_door).and_then(|w| {
+        let port = w.spec.ports.first()?;
+        Some(format!("http://{}/", SocketAddr::new(w.spec.address, port.port)))
+    });
+    let url = match door {
+        Some(url) => {
+            // Any HTTP answer: the app serves (its `/` may well be a 404).
+            wait_for("the front door to answer", &url, false).await?;
+            url
         }
-        let door = workloads.iter().find(|w| w.front_door).and_then(|w| {
-            let port = w.spec.ports.first()?;
-            Some(format!("http://{}/", SocketAddr::new(w.spec.address, port.port)))
-        });
-        match door {
-            Some(url) => {
-                wait_for("the front door to answer", &url).await?;
-                Ok::<_, anyhow::Error>(url)
-            }
-            None => Ok(format!("http://{cp_admin}/proxies")),
-        }
+        None => format!("http://{cp_admin}/proxies"),
     };
-    let url = tokio::select! {
-        url = ready => url?,
-        _ = &mut stopped => return Ok(()),
-    };
-    println!("mesh ready: {url}");
+    Ok((url, admins))
+}
 
+/// The live view, and children's exits, until `stopped`.
+async fn watch(
+    url: &str,
+    admins: &BTreeMap<String, String>,
+    view_mode: ViewMode,
+    procs: &mut Procs,
+    mut stopped: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
+) -> anyhow::Result<()> {
     let tty = match view_mode {
         ViewMode::Auto => std::io::IsTerminal::is_terminal(&std::io::stdout()),
         ViewMode::Tty => true,
@@ -379,18 +436,23 @@ async fn start_and_watch(
         }
         let mut pages = Vec::new();
         for admin in admins.values() {
-            if let Some(page) = view::fetch(&format!("http://{admin}/metrics")).await {
+            let url = format!("http://{admin}/metrics");
+            let page = tokio::select! {
+                page = view::fetch(&url, true) => page,
+                _ = &mut stopped => return Ok(()),
+            };
+            if let Some(page) = page {
                 pages.push(page);
             }
         }
         let now = (view::now(), view::Snapshot::from_pages(&pages));
-        let seconds = now.0.duration_since(then.0).as_secs_f64().max(0.001);
         if first {
             // Rates need two readings.
             first = false;
             then = now;
             continue;
         }
+        let seconds = now.0.duration_since(then.0).as_secs_f64().max(0.001);
         let header = format!(
             "wary up: {} proxies, front door {url}; Ctrl-C stops everything",
             admins.len()
@@ -405,14 +467,16 @@ async fn start_and_watch(
     }
 }
 
-/// Polls `url` until it answers 2xx, within 60 s.
-async fn wait_for(what: &str, url: &str) -> anyhow::Result<()> {
+/// Polls `url` until it answers (2xx when `success`; any HTTP answer otherwise),
+/// within 60 s.
+async fn wait_for(what: &str, url: &str, success: bool) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while tokio::time::Instant::now() < deadline {
-        if view::fetch(url).await.is_some() {
+        if view::fetch(url, success).await.is_some() {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    bail!("timed out after 60 s waiting for {what} ({url}); see the logs")
+    let answer = if success { "a 2xx answer" } else { "any HTTP answer" };
+    bail!("timed out after 60 s waiting for {what} ({url}, {answer}); see the logs")
 }

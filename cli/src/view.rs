@@ -179,8 +179,16 @@ pub fn render(then: &Snapshot, now: &Snapshot, seconds: f64, header: &str) -> St
     out
 }
 
-/// Fetches a page over plain HTTP; `None` if the proxy does not answer.
-pub async fn fetch(url: &str) -> Option<String> {
+/// Fetches a page over plain HTTP within 2 s: its body when it answers 2xx (or any
+/// status, unless `success`); `None` otherwise.
+pub async fn fetch(url: &str, success: bool) -> Option<String> {
+    tokio::time::timeout(std::time::Duration::from_secs(2), fetch_now(url, success))
+        .await
+        .ok()
+        .flatten()
+}
+
+async fn fetch_now(url: &str, success: bool) -> Option<String> {
     let uri: http::Uri = url.parse().ok()?;
     let authority = uri.authority()?.clone();
     let tcp = tokio::time::timeout(
@@ -207,7 +215,7 @@ pub async fn fetch(url: &str) -> Option<String> {
         .await
         .ok()?
         .to_bytes();
-    status.is_success().then(|| String::from_utf8_lossy(&body).into_owned())
+    (status.is_success() || !success).then(|| String::from_utf8_lossy(&body).into_owned())
 }
 
 /// When a refresh started, for rates.

@@ -209,21 +209,10 @@ impl Pick {
     pub fn failure(&mut self) {
         self.reported = true;
         self.load.failures.increment(1);
-        let out = self.balancer.ejected.load(Ordering::Relaxed);
-        let percent = usize::try_from(self.outlier.max_ejection_percent).unwrap_or(100);
-        let may_eject = out + 1 < self.of && (out + 1) * 100 <= self.of * percent;
-        if let Some(time) = self.load.outlier.failure(self.probe, &self.outlier, may_eject) {
-            if !self.probe {
-                self.balancer.ejected.fetch_add(1, Ordering::Relaxed);
-                self.load.ejections.increment(1);
-            }
-            self.load.ejected_gauge.set(1.0);
-            tracing::info!(
-                service = %self.balancer.service,
-                probe = self.probe,
-                ejection_ms = time.as_millis(),
-                "endpoint ejected after consecutive failures"
-            );
+        if self.load.outlier.failure(self.probe, &self.outlier) {
+            self.balancer.eject(&self.load, self.of, &self.outlier);
+        } else if self.probe {
+            tracing::info!(service = %self.balancer.service, "the probe failed: endpoint ejected again");
         }
     }
 }
@@ -371,11 +360,38 @@ impl Balancer {
     pub fn retain(&self, current: &[SocketAddr]) {
         self.loads.lock().unwrap_or_else(|e| e.into_inner()).retain(|a, load| {
             let keep = current.contains(a);
-            if !keep && load.outlier.is_out() {
+            if !keep && load.outlier.retire() {
                 self.ejected.fetch_sub(1, Ordering::Relaxed);
+                load.ejected_gauge.set(0.0);
             }
             keep
         });
+    }
+
+    /// Ejects `load` (among `of` endpoints) if it is still this balancer's, still
+    /// admitted, and the limits allow: at least one other endpoint stays in rotation,
+    /// and at most `max_ejection_percent` are out. Under the endpoints' lock, so
+    /// concurrent failures and removals cannot miscount.
+    fn eject(&self, load: &Arc<EndpointLoad>, of: usize, settings: &OutlierSettings) {
+        let loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
+        if !loads.values().any(|l| Arc::ptr_eq(l, load)) {
+            return;
+        }
+        let out = self.ejected.load(Ordering::Relaxed);
+        let percent = usize::try_from(settings.max_ejection_percent).unwrap_or(100);
+        if out + 1 >= of || (out + 1) * 100 > of * percent {
+            return;
+        }
+        if let Some(time) = load.outlier.eject(settings) {
+            self.ejected.fetch_add(1, Ordering::Relaxed);
+            load.ejections.increment(1);
+            load.ejected_gauge.set(1.0);
+            tracing::info!(
+                service = %self.service,
+                ejection_ms = time.as_millis(),
+                "endpoint ejected after consecutive failures"
+            );
+        }
     }
 
     /// Every endpoint's state, for admin pages. Reading does not decay or otherwise
@@ -406,8 +422,6 @@ pub struct EndpointSnapshot {
     /// Its circuit-breaker state.
     pub state: crate::outlier::State,
 }
-
-impl Balancer {}
 
 /// Balancers for every service, by `<name>.<namespace>`.
 #[derive(Debug, Default)]

@@ -135,7 +135,8 @@ pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static 
         return Ok(std::borrow::Cow::Borrowed(path));
     }
     let bytes = path.as_bytes();
-    let mut decoded = String::with_capacity(path.len());
+    // Bytes, not chars: a UTF-8 path stays UTF-8.
+    let mut decoded: Vec<u8> = Vec::with_capacity(path.len());
     let mut i = 0;
     while i < bytes.len() {
         if bytes[i] == b'%' {
@@ -143,18 +144,19 @@ pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static 
             let byte = u8::from_str_radix(hex, 16).map_err(|_| "an invalid percent-encoding")?;
             match byte {
                 b'/' | b'\\' => return Err("an encoded '/' or '\\'"),
-                b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => decoded.push(char::from(b)),
+                b if b.is_ascii_alphanumeric() || b"-._~".contains(&b) => decoded.push(b),
                 _ => {
-                    decoded.push('%');
-                    decoded.push_str(&hex.to_ascii_uppercase());
+                    decoded.push(b'%');
+                    decoded.extend_from_slice(hex.to_ascii_uppercase().as_bytes());
                 }
             }
             i += 3;
         } else {
-            decoded.push(char::from(bytes[i]));
+            decoded.push(bytes[i]);
             i += 1;
         }
     }
+    let decoded = String::from_utf8(decoded).map_err(|_| "bytes that are not UTF-8")?;
     if decoded.contains('\\') {
         return Err("a '\\' in the path");
     }
@@ -377,6 +379,7 @@ mod tests {
             ("/a//b/", "/a/b/"),
             ("/a/%20b", "/a/%20b"),
             ("/", "/"),
+            ("/café//x", "/café/x"),
         ] {
             assert_eq!(normalize_path(raw).unwrap(), want, "{raw}");
         }

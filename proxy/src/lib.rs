@@ -5,21 +5,19 @@
 //! * [`discovery`]: the stream to the control plane: subscribe, apply, ACK/NACK,
 //!   reconnect with backoff.
 //! * [`state`]: the last good resources, read lock-free by everything else.
-//! * [`routes`]: the outbound route table, rebuilt on each discovery update.
+//! * [`routes`]: the outbound route table and each service's policy, rebuilt on each
+//!   discovery update.
 //! * [`outbound`]: the app's requests: destination, service, endpoint, and over
-//!   [`pool`] (HTTP/2 over mTLS) to the peer proxy.
+//!   [`pool`] (HTTP/2 over mTLS) to the peer proxy; [`detect`] tells protocols apart
+//!   and finds a redirected connection's destination (transparent mode); [`tunnel`]
+//!   carries opaque TCP and HTTP/1.1 `Upgrade` as HTTP/2 `CONNECT` streams.
+//! * [`balance`]: P2C over Peak-EWMA, fed by the time to each response's first byte;
+//!   [`outlier`]: circuit breaking per endpoint; [`retry`]: retries within a budget,
+//!   replayable bodies, and the per-service bulkhead.
 //! * [`authorize`]: AuthorizationPolicy evaluation (DENY wins; ALLOW must match).
 //! * [`inbound`]: mTLS from peers, the client's identity for the app, the app's own
 //!   protocol. [`http`] holds what both sides share.
-//! * [`admin`], [`metrics`]: what operators see.
-//! * [`drain`]: graceful shutdown on SIGTERM.
-//!
-//! * [`balance`]: P2C over Peak-EWMA, fed by the time to each response's first byte.
-//! * [`detect`]: protocol detection and `SO_ORIGINAL_DST` for transparent mode.
-//! * [`tunnel`]: opaque TCP (`CONNECT`) and HTTP/1.1 `Upgrade`, carried as HTTP/2
-//!   `CONNECT` streams between proxies.
-//!
-//! Resilience (timeouts, retries, circuit breaking) joins as it lands.
+//! * [`admin`], [`metrics`]: what operators see; [`drain`]: graceful shutdown.
 
 #![forbid(unsafe_code)]
 

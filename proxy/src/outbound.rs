@@ -34,7 +34,7 @@ use wary_certs::SpiffeId;
 
 use crate::balance::{Balancers, Pick};
 use crate::retry::{self, Overflow, ReplayBody, RetryOn};
-use crate::routes::{PortTargets, Route, RouteTable, Target, Via};
+use crate::routes::{Policy, PortTargets, Route, RouteTable, Target, Via};
 
 use crate::detect::{self, Prefixed, Protocol};
 use crate::drain::Drain;
@@ -226,9 +226,13 @@ impl Outbound {
             Via::Plain => match connect_plain(target.app).await {
                 Ok(tcp) => {
                     pick.first_byte();
+                    pick.success();
                     tunnel::bridge(io, tcp, &what).await;
                 }
-                Err(e) => tracing::info!(%what, error = %e, "opaque connect failed; closing the client's connection"),
+                Err(e) => {
+                    pick.failure();
+                    tracing::info!(%what, error = %e, "opaque connect failed; closing the client's connection");
+                }
             },
             Via::Mesh { peer, identity } => {
                 let dst = authority_of(original);
@@ -245,18 +249,22 @@ impl Outbound {
                 match self.open_tunnel(connect, &hop).await {
                     Ok(mut response) => {
                         pick.first_byte();
+                        pick.success();
                         if let Some(upstream) = response.extensions_mut().remove::<OnUpgrade>()
                             && let Ok(up) = upstream.await
                         {
                             tunnel::bridge(io, TokioIo::new(up), &what).await;
                         }
                     }
-                    Err(refused) => tracing::info!(
-                        %what,
-                        status = %refused.status(),
-                        cause = ?refused.headers().get(h::ERROR),
-                        "the peer refused an opaque stream; closing the client's connection"
-                    ),
+                    Err(refused) => {
+                        report(&mut pick, refused.status());
+                        tracing::info!(
+                            %what,
+                            status = %refused.status(),
+                            cause = ?refused.headers().get(h::ERROR),
+                            "the peer refused an opaque stream; closing the client's connection"
+                        );
+                    }
                 }
             }
         }
@@ -382,31 +390,42 @@ impl Outbound {
         targets: &PortTargets,
     ) -> Response<Body> {
         let grpc = h::is_grpc(req.headers());
-        let slot = match route.balancer.bulkhead.admit(route.policy.pool).await {
-            Ok(slot) => slot,
-            Err(Overflow::Pending(waiting)) => {
-                route.overflows.increment(1);
-                return h::proxy_error(
-                    grpc,
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "overloaded",
-                    format!(
-                        "{}: {} requests in flight and {waiting} waiting, the most its connectionPool allows",
-                        route.name,
-                        route.policy.pool.max_requests.unwrap_or(0)
-                    ),
-                );
-            }
-        };
         let client_deadline = h::grpc_timeout(req.headers());
         let deadline = match (route.policy.request_timeout, client_deadline) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         };
-        let attempts = self.attempts(req, dst, route, targets, grpc);
+        // The deadline covers waiting in the bulkhead too.
+        let work = async {
+            let slot = match route.balancer.bulkhead.admit(route.policy.pool).await {
+                Ok(slot) => slot,
+                Err(Overflow::Pending(waiting)) => {
+                    route.overflows.increment(1);
+                    return h::proxy_error(
+                        grpc,
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        format!(
+                            "{}: {} requests in flight and {waiting} waiting, the most its connectionPool allows",
+                            route.name,
+                            route.policy.pool.max_requests.unwrap_or(0)
+                        ),
+                    );
+                }
+            };
+            let response = self.attempts(req, dst, route, targets, grpc).await;
+            // The slot is held while the response streams.
+            response.map(|body| {
+                body.map_frame(move |frame| {
+                    let _slot = &slot;
+                    frame
+                })
+                .boxed()
+            })
+        };
         let response = match deadline {
-            None => attempts.await,
-            Some(deadline) => match tokio::time::timeout(deadline, attempts).await {
+            None => work.await,
+            Some(deadline) => match tokio::time::timeout(deadline, work).await {
                 Ok(response) => response,
                 Err(_) => h::proxy_error(
                     grpc,
@@ -417,14 +436,7 @@ impl Outbound {
             },
         };
         route.count_response(response.status());
-        // The slot is held while the response streams.
-        response.map(|body| {
-            body.map_frame(move |frame| {
-                let _slot = &slot;
-                frame
-            })
-            .boxed()
-        })
+        response
     }
 
     /// The attempts of one request; see [`crate::retry`].
@@ -446,7 +458,7 @@ impl Outbound {
         let idempotent = retry::idempotent(&parts.method);
         let first = ReplayBody::new(body, retry.max_body_bytes);
         // A handle on what the first attempt keeps; each retry replays from it.
-        let kept = first.replay();
+        let kept = first.keeper();
         let mut body = h::gate_body(expect_continue.then_some(self.expect_continue_wait), first);
         route.balancer.budget.deposit(retry.budget_ttl);
         let mut avoid = None;
@@ -461,7 +473,7 @@ impl Outbound {
             };
             let target = &targets.targets[pick.index];
             let head = clone_head(&parts);
-            let sent = self.send_once(head, body, dst, target, route.policy.per_try_timeout, grpc);
+            let sent = self.send_once(head, body, dst, target, &route.policy, grpc);
             let outcome = sent.await;
             let (response, retryable, reached) = match outcome {
                 Ok(response) => {
@@ -491,7 +503,7 @@ impl Outbound {
             if !retryable || last || !safe {
                 return with_attempts(response, attempt);
             }
-            let Some(replay) = kept.as_ref().and_then(ReplayBody::replay) else {
+            let Some(replay) = kept.replay() else {
                 route.retries_not_replayable.increment(1);
                 return with_attempts(response, attempt);
             };
@@ -516,9 +528,10 @@ impl Outbound {
         body: Body,
         dst: &Authority,
         target: &Target,
-        per_try: Option<Duration>,
+        policy: &Policy,
         grpc: bool,
     ) -> Result<Response<Incoming>, (Failure, Response<Body>)> {
+        let (per_try, connect_timeout) = (policy.per_try_timeout, policy.connect_timeout);
         let send = async {
             match &target.via {
                 Via::Mesh { peer, identity } => {
@@ -527,21 +540,26 @@ impl Outbound {
                     parts.headers.remove(http::header::HOST);
                     parts.uri = with_authority(&parts.uri, dst);
                     parts.version = Version::HTTP_2;
-                    let mut sender = match self.pool.get(*peer, identity).await {
+                    let mut sender = match self.pool.get(*peer, identity, connect_timeout).await {
                         Ok(sender) => sender,
                         Err(e) => return Err((Failure::Connect, connect_error(&e))),
                     };
-                    match sender.send_request(Request::from_parts(parts, body)).await {
+                    match sender.try_send_request(Request::from_parts(parts, body)).await {
                         Ok(response) => Ok(response),
                         Err(e) => {
-                            let failure = Failure::of(&e);
+                            // Handed back unsent: the connection closed first.
+                            let failure = if e.message().is_some() {
+                                Failure::Connect
+                            } else {
+                                Failure::of(e.error())
+                            };
                             let hop = Hop {
                                 dst,
                                 peer: *peer,
                                 identity,
                                 app_port: u32::from(target.app.port()),
                             };
-                            Err((failure, self.peer_failed(&sender, &hop, &e)))
+                            Err((failure, self.peer_failed(&sender, &hop, e.error())))
                         }
                     }
                 }
@@ -625,9 +643,15 @@ impl Outbound {
             Ok(response) => response,
             // Refused (authorization, the app's port closed...) or the app answered the
             // upgrade with an error: relayed as is.
-            Err(refused) => return hold_until_body_ends(refused, pick),
+            Err(refused) => {
+                report(&mut pick, refused.status());
+                return hold_until_body_ends(refused, pick);
+            }
         };
         pick.first_byte();
+        // The tunnel is open: the endpoint answered. (A probe must not wait for the
+        // end of a stream that may last hours.)
+        pick.success();
         let Some(upstream) = response.extensions_mut().remove::<OnUpgrade>() else {
             return error_response(
                 StatusCode::BAD_GATEWAY,
@@ -671,7 +695,7 @@ impl Outbound {
             .insert(h::DST_PORT, HeaderValue::from(hop.app_port));
         let mut sender = self
             .pool
-            .get(hop.peer, hop.identity)
+            .get(hop.peer, hop.identity, None)
             .await
             .map_err(|e| connect_error(&e))?;
         let response = sender
@@ -689,7 +713,7 @@ impl Outbound {
         // One failed stream (a reset, an aborted upload) is no reason to drop a
         // multiplexed connection; a closed one is.
         if sender.is_closed() {
-            self.pool.evict(hop.peer, hop.identity);
+            self.pool.evict(hop.peer);
         }
         error_response(
             StatusCode::BAD_GATEWAY,
@@ -720,7 +744,16 @@ impl Outbound {
                     PASSTHROUGH_CONNECT_TIMEOUT,
                     TcpStream::connect((target.host(), target.port_u16().unwrap_or(80))),
                 );
-                return match connect.await {
+                let mut pick = pick;
+                let connected = connect.await;
+                if let Some(pick) = pick.as_mut() {
+                    if matches!(connected, Ok(Ok(_))) {
+                        pick.success()
+                    } else {
+                        pick.failure()
+                    }
+                }
+                return match connected {
                     Ok(Ok(tcp)) => {
                         let _ = tcp.set_nodelay(true);
                         tunnel::spawn_bridge(downstream, tcp, target.to_string(), (pick, self.drain.track()));
@@ -751,9 +784,13 @@ impl Outbound {
         parts.uri = with_authority(&parts.uri, &target);
         parts.version = Version::HTTP_11;
         let body = h::gate_body(expect_continue.then_some(self.expect_continue_wait), body);
+        let mut pick = pick;
         let mut response = match self.passthrough.request(Request::from_parts(parts, body)).await {
             Ok(response) => response,
             Err(e) => {
+                if let Some(pick) = pick.as_mut() {
+                    pick.failure();
+                }
                 return error_response(
                     StatusCode::BAD_GATEWAY,
                     "connect-failed",
@@ -761,6 +798,9 @@ impl Outbound {
                 );
             }
         };
+        if let Some(pick) = pick.as_mut() {
+            report(pick, response.status());
+        }
         if let Some((_, downstream)) = protocol
             && response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(upstream) = response.extensions_mut().remove::<OnUpgrade>()
@@ -778,6 +818,15 @@ impl Outbound {
             }
             None => h::relay(response),
         }
+    }
+}
+
+/// Tells the circuit breaker how an endpoint answered: a 5xx is a failure.
+fn report(pick: &mut Pick, status: StatusCode) {
+    if status.is_server_error() {
+        pick.failure();
+    } else {
+        pick.success();
     }
 }
 
@@ -823,11 +872,12 @@ enum Failure {
 }
 
 impl Failure {
+    /// A refused stream, or one above the last stream id of the peer's GOAWAY (a
+    /// restarting proxy), was never processed; anything else may have been.
     fn of(e: &hyper::Error) -> Failure {
-        let refused = std::error::Error::source(e)
-            .and_then(|s| s.downcast_ref::<h2::Error>())
-            .and_then(h2::Error::reason)
-            == Some(h2::Reason::REFUSED_STREAM);
+        let h2 = std::error::Error::source(e).and_then(|s| s.downcast_ref::<h2::Error>());
+        let refused =
+            h2.is_some_and(|h2| h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote()));
         if refused {
             Failure::RefusedStream
         } else {

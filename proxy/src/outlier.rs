@@ -70,6 +70,11 @@ impl OutlierSettings {
     }
 }
 
+/// The [`now_ms`] at which an ejection of `time` ends (never 0).
+fn deadline(time: Duration) -> u64 {
+    now_ms() + u64::try_from(time.as_millis()).unwrap_or(u64::MAX / 2).max(1)
+}
+
 /// Milliseconds since this process's clock origin; 0 is never a valid deadline.
 fn now_ms() -> u64 {
     static ORIGIN: OnceLock<Instant> = OnceLock::new();
@@ -132,44 +137,56 @@ impl Outlier {
     }
 
     /// Records a success: the count starts over; a successful probe readmits the
-    /// endpoint. Returns true when it was readmitted.
+    /// endpoint. Returns true when this call readmitted it (exactly one caller sees
+    /// true per ejection, even racing [`Outlier::retire`]).
     pub fn success(&self, probe: bool) -> bool {
         self.consecutive.store(0, Ordering::Relaxed);
         if probe {
             self.ejections.store(0, Ordering::Relaxed);
-            self.ejected_until.store(0, Ordering::Release);
             self.probing.store(false, Ordering::Release);
-            return true;
+            return self.ejected_until.swap(0, Ordering::AcqRel) != 0;
         }
         false
     }
 
-    /// Records a failure. Returns the ejection time when this failure ejects the
-    /// endpoint (its threshold reached and `may_eject`), or re-ejects it (a failed
-    /// probe).
-    pub fn failure(&self, probe: bool, settings: &OutlierSettings, may_eject: bool) -> Option<Duration> {
+    /// Counts a failure; true when it reaches the threshold, so the caller should try
+    /// [`Outlier::eject`]. A failed probe re-ejects at once (for the next, doubled
+    /// time) and returns false.
+    pub fn failure(&self, probe: bool, settings: &OutlierSettings) -> bool {
         if probe {
             let time = settings.ejection_time(self.ejections.fetch_add(1, Ordering::Relaxed) + 1);
-            self.eject_for(time);
+            // Still out of rotation: the deadline moves, the count of ejected stays.
+            let _ = self
+                .ejected_until
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |until| {
+                    (until != 0).then(|| deadline(time))
+                });
             self.probing.store(false, Ordering::Release);
-            return Some(time);
+            return false;
         }
         if settings.consecutive_failures == 0 || self.is_out() {
-            return None;
+            return false;
         }
         let failures = self.consecutive.fetch_add(1, Ordering::Relaxed) + 1;
-        if failures < settings.consecutive_failures || !may_eject {
-            return None;
-        }
+        failures >= settings.consecutive_failures
+    }
+
+    /// Ejects an admitted endpoint: the ejection time when this call did it, `None`
+    /// when it was already out (a concurrent failure won).
+    pub fn eject(&self, settings: &OutlierSettings) -> Option<Duration> {
+        let time = settings.ejection_time(self.ejections.load(Ordering::Relaxed) + 1);
+        self.ejected_until
+            .compare_exchange(0, deadline(time), Ordering::AcqRel, Ordering::Acquire)
+            .ok()?;
+        self.ejections.fetch_add(1, Ordering::Relaxed);
         self.consecutive.store(0, Ordering::Relaxed);
-        let time = settings.ejection_time(self.ejections.fetch_add(1, Ordering::Relaxed) + 1);
-        self.eject_for(time);
         Some(time)
     }
 
-    fn eject_for(&self, time: Duration) {
-        let until = now_ms() + u64::try_from(time.as_millis()).unwrap_or(u64::MAX / 2);
-        self.ejected_until.store(until, Ordering::Release);
+    /// Takes a removed endpoint out of the books: true when it was out of rotation
+    /// (and so counted among the ejected), exactly once per ejection.
+    pub fn retire(&self) -> bool {
+        self.ejected_until.swap(0, Ordering::AcqRel) != 0
     }
 }
 
@@ -182,9 +199,11 @@ mod tests {
         let s = OutlierSettings::default();
         let o = Outlier::default();
         for _ in 0..4 {
-            assert_eq!(o.failure(false, &s, true), None);
+            assert!(!o.failure(false, &s));
         }
-        let time = o.failure(false, &s, true).expect("the fifth failure ejects");
+        assert!(o.failure(false, &s), "the fifth failure reaches the threshold");
+        let time = o.eject(&s).expect("admitted, so this call ejects");
+        assert_eq!(o.eject(&s), None, "a racing second ejection loses");
         assert!(time >= s.base_ejection_time && time <= s.base_ejection_time.mul_f64(1.1));
         assert_eq!(o.state(), State::Ejected);
         tokio::time::advance(time).await;
@@ -192,9 +211,11 @@ mod tests {
         assert!(o.claim_probe());
         assert!(!o.claim_probe(), "one probe at a time");
         // The probe fails: ejected again, for twice as long.
-        let again = o.failure(true, &s, true).unwrap();
-        assert!(again >= 2 * s.base_ejection_time, "{again:?}");
-        tokio::time::advance(again).await;
+        assert!(!o.failure(true, &s));
+        assert_eq!(o.state(), State::Ejected);
+        tokio::time::advance(s.base_ejection_time).await;
+        assert_eq!(o.state(), State::Ejected, "the second ejection lasts at least 2 s");
+        tokio::time::advance(s.base_ejection_time.mul_f64(1.25)).await;
         assert!(o.claim_probe());
         assert!(o.success(true));
         assert_eq!(o.state(), State::Admitted);
@@ -205,11 +226,14 @@ mod tests {
         let s = OutlierSettings::default();
         let o = Outlier::default();
         for _ in 0..4 {
-            o.failure(false, &s, true);
+            o.failure(false, &s);
         }
         o.success(false);
-        assert_eq!(o.failure(false, &s, true), None, "the count started over");
+        assert!(!o.failure(false, &s), "the count started over");
         assert!(s.ejection_time(30) <= s.max_ejection_time.mul_f64(1.1));
-        assert_eq!(o.failure(false, &OutlierSettings::default(), false), None);
+        // Removal while out counts once, and a late probe success does not count again.
+        o.eject(&s).unwrap();
+        assert!(o.retire());
+        assert!(!o.success(true));
     }
 }

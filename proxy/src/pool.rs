@@ -57,12 +57,12 @@ pub enum ConnectError {
 pub struct PeerPool {
     connector: TlsConnector,
     connect_timeout: Duration,
-    conns: Mutex<HashMap<(SocketAddr, SpiffeId), Slot>>,
+    conns: Mutex<HashMap<SocketAddr, Slot>>,
 }
 
-/// One peer's connection, behind an async lock so concurrent callers wait for a single
-/// connect instead of each opening their own.
-type Slot = Arc<tokio::sync::Mutex<Option<SendRequest<Body>>>>;
+/// One peer's connection and the identity it proved, behind an async lock so
+/// concurrent callers wait for a single connect instead of each opening their own.
+type Slot = Arc<tokio::sync::Mutex<Option<(SpiffeId, SendRequest<Body>)>>>;
 
 impl PeerPool {
     /// A pool presenting `creds` and verifying peers against its bundle; TCP + TLS
@@ -77,24 +77,35 @@ impl PeerPool {
     }
 
     /// A sender on a ready connection to `addr` that presents `identity`, opening one if
-    /// needed. Concurrent callers for one peer wait for a single connect.
+    /// needed (TCP and TLS within `connect_timeout`, or the pool's default). Concurrent
+    /// callers for one peer wait for a single connect.
     ///
     /// # Errors
     /// [`ConnectError`] when TCP, TLS or HTTP/2 fails.
-    pub async fn get(&self, addr: SocketAddr, identity: &SpiffeId) -> Result<SendRequest<Body>, ConnectError> {
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        identity: &SpiffeId,
+        connect_timeout: Option<Duration>,
+    ) -> Result<SendRequest<Body>, ConnectError> {
         let slot = {
             let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
-            conns.entry((addr, identity.clone())).or_default().clone()
+            match conns.get(&addr) {
+                Some(slot) => slot.clone(),
+                None => conns.entry(addr).or_default().clone(),
+            }
         };
         let mut slot = slot.lock().await;
-        if let Some(sender) = slot.as_ref()
+        if let Some((proved, sender)) = slot.as_ref()
+            && proved == identity
             && !sender.is_closed()
             && sender.is_ready()
         {
             return Ok(sender.clone());
         }
-        let sender = self.connect(addr, identity).await?;
-        *slot = Some(sender.clone());
+        let timeout = connect_timeout.unwrap_or(self.connect_timeout);
+        let sender = self.connect(addr, identity, timeout).await?;
+        *slot = Some((identity.clone(), sender.clone()));
         Ok(sender)
     }
 
@@ -104,24 +115,26 @@ impl PeerPool {
         self.conns
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(addr, _), _| current.contains(addr));
+            .retain(|addr, _| current.contains(addr));
     }
 
     /// Forgets the connection to `addr` (after it failed), so the next request opens a
     /// new one.
-    pub fn evict(&self, addr: SocketAddr, identity: &SpiffeId) {
-        self.conns
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&(addr, identity.clone()));
+    pub fn evict(&self, addr: SocketAddr) {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
     }
 
-    async fn connect(&self, addr: SocketAddr, identity: &SpiffeId) -> Result<SendRequest<Body>, ConnectError> {
-        let tcp = tokio::time::timeout(self.connect_timeout, TcpStream::connect(addr))
+    async fn connect(
+        &self,
+        addr: SocketAddr,
+        identity: &SpiffeId,
+        connect_timeout: Duration,
+    ) -> Result<SendRequest<Body>, ConnectError> {
+        let tcp = tokio::time::timeout(connect_timeout, TcpStream::connect(addr))
             .await
             .map_err(|_| ConnectError::Tcp {
                 addr,
-                reason: format!("timed out after {:?}", self.connect_timeout),
+                reason: format!("timed out after {connect_timeout:?}"),
             })?
             .map_err(|e| ConnectError::Tcp {
                 addr,
@@ -132,7 +145,7 @@ impl PeerPool {
             addr,
             reason: e.to_string(),
         })?;
-        let tls = match tokio::time::timeout(self.connect_timeout, self.connector.connect(name, tcp)).await {
+        let tls = match tokio::time::timeout(connect_timeout, self.connector.connect(name, tcp)).await {
             Ok(Ok(tls)) => tls,
             Ok(Err(e)) => {
                 let reason = HandshakeFailure::classify(&e);
@@ -148,7 +161,7 @@ impl PeerPool {
             Err(_) => {
                 return Err(ConnectError::Tcp {
                     addr,
-                    reason: format!("TLS handshake timed out after {:?}", self.connect_timeout),
+                    reason: format!("TLS handshake timed out after {connect_timeout:?}"),
                 });
             }
         };

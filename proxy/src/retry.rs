@@ -295,7 +295,10 @@ impl Bulkhead {
             return Err(Overflow::Pending(limits.max_pending_requests.unwrap_or(0)));
         }
         loop {
+            // Registered before the check, so a slot freed in between still wakes us.
             let freed = self.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
             if self.try_take(max) {
                 return Ok(Slot(Some(self.clone())));
             }
@@ -336,6 +339,9 @@ struct Shared<B> {
     inner: Option<B>,
     kept: Kept,
     limit: usize,
+    /// Bumped by each [`ReplayBody::replay`]: only the newest body may read on, so an
+    /// abandoned attempt still being drained cannot take chunks a replay needs.
+    epoch: u32,
 }
 
 /// A request body that can be sent more than once: the first attempt streams the
@@ -343,6 +349,7 @@ struct Shared<B> {
 /// goes on with whatever of the original is still unread.
 pub struct ReplayBody<B> {
     shared: Arc<Mutex<Shared<B>>>,
+    epoch: u32,
     /// The next kept chunk this attempt replays.
     position: usize,
     trailers_sent: bool,
@@ -356,19 +363,38 @@ impl<B> ReplayBody<B> {
                 inner: Some(inner),
                 kept: Kept::default(),
                 limit,
+                epoch: 0,
             })),
+            epoch: 0,
             position: 0,
             trailers_sent: false,
         }
     }
 
-    /// A body for another attempt: when the original was kept whole, or was not read
+    /// A handle on what is kept, for later [`ReplayBody::replay`] calls; it never
+    /// reads (polled, it is empty) and does not supersede the body it came from.
+    pub fn keeper(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+            epoch: u32::MAX,
+            position: 0,
+            trailers_sent: false,
+        }
+    }
+
+    /// A body for another attempt, superseding every earlier one (they end at once if
+    /// still being read): when the original was kept whole, or was not read
     /// at all yet. `None` when it outgrew the limit, or was cut off part-way (a
     /// replay must never be truncated).
     pub fn replay(&self) -> Option<Self> {
-        let shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
+        let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
         let whole = shared.kept.complete || shared.kept.bytes == 0;
-        (!shared.kept.overflowed && whole).then(|| Self {
+        if shared.kept.overflowed || !whole {
+            return None;
+        }
+        shared.epoch += 1;
+        Some(Self {
+            epoch: shared.epoch,
             shared: self.shared.clone(),
             position: 0,
             trailers_sent: false,
@@ -386,6 +412,10 @@ where
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         let this = &mut *self;
         let mut shared = this.shared.lock().unwrap_or_else(|e| e.into_inner());
+        if this.epoch != shared.epoch {
+            // Superseded by a later attempt: this one is over.
+            return Poll::Ready(None);
+        }
         if let Some(chunk) = shared.kept.chunks.get(this.position) {
             this.position += 1;
             return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
@@ -468,31 +498,30 @@ mod tests {
     #[tokio::test]
     async fn a_replayed_body_is_byte_identical_and_a_large_one_is_not_replayed() {
         let first = ReplayBody::new(chunked(&[b"ab", b"cd", b"e"]), 64);
-        let again = first.replay().unwrap();
+        let keeper = first.keeper();
         let sent = first.collect().await.unwrap();
         assert_eq!(sent.trailers().unwrap()["x-sum"], "3");
         assert_eq!(&sent.to_bytes()[..], b"abcde");
-        let replayed = again.collect().await.unwrap();
+        let replayed = keeper.replay().unwrap().collect().await.unwrap();
         assert_eq!(replayed.trailers().unwrap()["x-sum"], "3");
         assert_eq!(&replayed.to_bytes()[..], b"abcde");
 
-        let big = ReplayBody::new(chunked(&[b"0123456789", b"0123456789"]), 15);
-        let mut reader = big.replay().unwrap();
-        let _ = reader.frame().await;
-        assert!(big.replay().is_none(), "read part-way: a replay would be cut off");
-        assert_eq!(reader.collect().await.unwrap().to_bytes().len(), 10, "the rest");
-        assert!(big.replay().is_none(), "outgrew 15 bytes: no replay");
+        let mut big = ReplayBody::new(chunked(&[b"0123456789", b"0123456789"]), 15);
+        let keeper = big.keeper();
+        let _ = big.frame().await;
+        assert!(keeper.replay().is_none(), "read part-way: a replay would be cut off");
+        assert_eq!(big.collect().await.unwrap().to_bytes().len(), 10, "the rest");
+        assert!(keeper.replay().is_none(), "outgrew 15 bytes: no replay");
     }
 
     #[tokio::test]
-    async fn a_replay_picks_up_where_the_first_attempt_stopped_reading() {
+    async fn an_unread_body_replays_from_the_original_and_supersedes_the_first() {
         let first = ReplayBody::new(chunked(&[b"ab", b"cd"]), 64);
-        let mut partial = first.replay().unwrap();
-        // The first attempt read one chunk, then failed.
-        let _ = partial.frame().await;
-        drop(partial);
-        let whole = first.collect().await.unwrap().to_bytes();
-        assert_eq!(&whole[..], b"abcd");
+        let keeper = first.keeper();
+        let replay = keeper.replay().unwrap();
+        // The first attempt is over: nothing more reaches it.
+        assert!(first.collect().await.unwrap().to_bytes().is_empty());
+        assert_eq!(&replay.collect().await.unwrap().to_bytes()[..], b"abcd");
     }
 
     #[tokio::test(start_paused = true)]

@@ -228,6 +228,9 @@ pub struct Policy {
     pub request_timeout: Option<Duration>,
     /// Each attempt; `None`: no limit.
     pub per_try_timeout: Option<Duration>,
+    /// TCP + TLS connect to an endpoint's proxy; `None`: the proxy's
+    /// `--connect-timeout-ms` (1 s).
+    pub connect_timeout: Option<Duration>,
 }
 
 fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
@@ -286,6 +289,7 @@ fn policy(service: &Service) -> Policy {
         pool,
         request_timeout: duration(timeouts.and_then(|t| t.request.as_ref())),
         per_try_timeout: duration(timeouts.and_then(|t| t.per_try.as_ref())),
+        connect_timeout: duration(timeouts.and_then(|t| t.connect.as_ref())),
     }
 }
 

@@ -146,7 +146,8 @@ async fn a_backend_killed_under_load_costs_the_client_nothing() {
     let _apps = apps(net, 3).await;
     let url = "http://backend.default:9090/";
     let load = tokio::spawn(load(m.web.outbound, url, 500, Duration::from_secs(6)));
-    // A second into the load, backend-3 dies, proxy and all.
+    // A second into the load, backend-3's proxy dies: its connections reset, new ones
+    // are refused.
     wait_until("traffic flows", || async {
         let metrics = m.web.admin_get("/metrics").await;
         sample(
@@ -250,14 +251,22 @@ async fn a_failing_backend_is_ejected_probed_and_readmitted() {
         (apps[1].served.load(Ordering::Relaxed) > at_ejection).then_some(())
     })
     .await;
+    // The probe failed: backend-2 is still out of rotation, backend-1 serves.
     let dump = m.web.config_dump().await;
-    let states: Vec<String> = dump["load"][0]["endpoints"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|e| e["state"].as_str().unwrap().to_string())
-        .collect();
-    assert!(states.contains(&"admitted".to_string()), "{states:?}");
+    let state = |addr: String| {
+        dump["load"][0]["endpoints"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["address"] == addr.as_str())
+            .map(|e| e["state"].as_str().unwrap().to_string())
+    };
+    assert_eq!(state(format!("{net}.2:9090")).as_deref(), Some("admitted"), "{dump}");
+    let flaky = state(format!("{net}.3:9090"));
+    assert!(
+        matches!(flaky.as_deref(), Some("ejected" | "probation" | "probing")),
+        "{flaky:?} in {dump}"
+    );
     // Healthy again: the next probe readmits it, and it takes traffic again.
     apps[1].status.store(200, Ordering::Relaxed);
     wait_until("backend-2 is readmitted", || async {
@@ -306,7 +315,8 @@ async fn the_bulkhead_answers_the_overflow_at_once() {
     let policy = "  connectionPool: {maxRequests: 20, maxPendingRequests: 10}\n";
     let m = mesh(net, 1, policy).await;
     let apps = apps(net, 1).await;
-    apps[0].delay_ms.store(3000, Ordering::Relaxed);
+    // Far slower than any overflow answer may take, however busy the machine.
+    apps[0].delay_ms.store(10_000, Ordering::Relaxed);
     let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
             .build(ProxyConnector(m.web.outbound));
@@ -316,7 +326,10 @@ async fn the_bulkhead_answers_the_overflow_at_once() {
         calls.spawn(async move {
             let started = Instant::now();
             let uri: hyper::Uri = "http://backend.default:9090/slow".parse().unwrap();
-            let response = client.get(uri).await.expect("an answer");
+            let response = tokio::time::timeout(Duration::from_secs(60), client.get(uri))
+                .await
+                .expect("an answer within 60 s")
+                .expect("an answer");
             let cause = response.headers().get("wary-error").cloned();
             (response.status().as_u16(), cause, started.elapsed())
         });
@@ -329,7 +342,7 @@ async fn the_bulkhead_answers_the_overflow_at_once() {
             (503, Some(cause)) if cause == "overloaded" => {
                 overloaded += 1;
                 // Refused without waiting for the slow backend.
-                assert!(took < Duration::from_millis(2500), "an overflow took {took:?}");
+                assert!(took < Duration::from_secs(5), "an overflow took {took:?}");
             }
             other => panic!("unexpected answer {other:?}"),
         }

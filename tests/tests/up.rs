@@ -64,6 +64,31 @@ fn descendants(root: u32) -> HashSet<u32> {
         .collect()
 }
 
+/// Stops `wary up` however the test ends, so a failed assertion does not leave the
+/// quickstart's processes (and its fixed addresses) to the next run: SIGINT, then
+/// SIGKILL to every process group still around after 10 s.
+struct StopGuard(u32);
+
+impl Drop for StopGuard {
+    fn drop(&mut self) {
+        let groups = descendants(self.0);
+        let _ = std::process::Command::new("kill")
+            .args(["-INT", &self.0.to_string()])
+            .status();
+        for _ in 0..100 {
+            if !alive(self.0) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        for pid in groups.into_iter().filter(|&p| alive(p)) {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &format!("-{pid}")])
+                .status();
+        }
+    }
+}
+
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         s.rsplit_once(')')
@@ -82,6 +107,7 @@ async fn the_quickstart_shows_balancing_and_ejection_and_stops_clean() {
         .spawn()
         .expect("start wary up");
     let pid = up.id().unwrap();
+    let _guard = StopGuard(pid);
     let output = Arc::new(Mutex::new(Vec::<String>::new()));
     let mut lines = BufReader::new(up.stdout.take().unwrap()).lines();
     let ready = tokio::time::timeout(Duration::from_secs(90), async {
