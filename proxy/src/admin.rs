@@ -1,6 +1,7 @@
 //! The proxy's admin server (port 4191): `/live`, `/ready` (200 once discovery has
 //! delivered every subscribed type, 503 again once shutdown has begun), `/metrics` (Prometheus) and `/config_dump` (the
-//! proxy's current view of the mesh, JSON). Read-only.
+//! proxy's current view of the mesh, JSON); `POST /shutdown`, from loopback only,
+//! shuts the proxy down as SIGTERM does (for Jobs whose app has finished).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -40,13 +41,38 @@ pub struct Admin {
     pub balancers: Arc<Balancers>,
     /// Shutdown state: a draining proxy is not ready.
     pub drain: Arc<Drain>,
+    /// Notified by `POST /shutdown` (from loopback only): the proxy then shuts down as
+    /// on SIGTERM.
+    pub shutdown: Arc<tokio::sync::Notify>,
 }
 
 impl Admin {
+    /// Serves admin requests on `listener` until the process ends, on a thread and
+    /// runtime of its own so a scrape never takes time from the data path.
+    ///
+    /// # Errors
+    /// When the thread cannot be started.
+    pub fn serve_on_own_thread(self, listener: std::net::TcpListener) -> std::io::Result<()> {
+        listener.set_nonblocking(true)?;
+        std::thread::Builder::new().name("wary-admin".into()).spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => return tracing::error!(error = %e, "cannot start the admin runtime"),
+            };
+            runtime.block_on(async move {
+                match TcpListener::from_std(listener) {
+                    Ok(listener) => self.serve(listener).await,
+                    Err(e) => tracing::error!(error = %e, "cannot serve the admin listener"),
+                }
+            });
+        })?;
+        Ok(())
+    }
+
     /// Serves admin requests on `listener` until the process ends.
     pub async fn serve(self, listener: TcpListener) {
         loop {
-            let (stream, _) = match listener.accept().await {
+            let (stream, peer) = match listener.accept().await {
                 Ok(s) => s,
                 Err(e) => {
                     // Out of file descriptors, say: back off rather than spin.
@@ -59,7 +85,7 @@ impl Admin {
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.route(req)) }
+                    async move { Ok::<_, Infallible>(admin.route(req, peer)) }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
@@ -68,7 +94,24 @@ impl Admin {
         }
     }
 
-    fn route(&self, req: Request<Incoming>) -> Response<Full<Bytes>> {
+    fn route(&self, req: Request<Incoming>, peer: std::net::SocketAddr) -> Response<Full<Bytes>> {
+        if req.uri().path() == "/shutdown" {
+            return match (req.method(), peer.ip().is_loopback()) {
+                (&Method::POST, true) => {
+                    tracing::info!(%peer, "shutdown requested on the admin endpoint");
+                    self.shutdown.notify_one();
+                    text(
+                        StatusCode::ACCEPTED,
+                        "shutting down: draining the app's traffic\n".into(),
+                    )
+                }
+                (&Method::POST, false) => text(
+                    StatusCode::FORBIDDEN,
+                    "POST /shutdown is accepted from loopback only\n".into(),
+                ),
+                _ => text(StatusCode::METHOD_NOT_ALLOWED, "use POST /shutdown\n".into()),
+            };
+        }
         if req.method() != Method::GET {
             return text(StatusCode::METHOD_NOT_ALLOWED, "use GET\n".into());
         }
@@ -111,7 +154,7 @@ impl Admin {
             }
             other => text(
                 StatusCode::NOT_FOUND,
-                format!("no admin page {other}: try /metrics, /ready, /live or /config_dump\n"),
+                format!("no admin page {other}: try /metrics, /ready, /live, /config_dump or POST /shutdown\n"),
             ),
         }
     }

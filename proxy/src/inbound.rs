@@ -48,6 +48,10 @@ struct Peer {
     id: SpiffeId,
     /// The same, as the `wary-client-id` value for the app.
     header: HeaderValue,
+    /// `wary_proxy_responses_total` for this caller, by status class 1xx to 5xx.
+    responses: [metrics::Counter; 5],
+    /// `wary_proxy_response_latency_seconds` for this caller.
+    latency: metrics::Histogram,
 }
 
 /// The inbound proxy.
@@ -176,12 +180,31 @@ impl Inbound {
                 let Ok(header) = HeaderValue::from_str(&client.to_string()) else {
                     return;
                 };
-                let client = Arc::new(Peer { id: client, header });
+                // Labels are bounded: callers are mesh identities, issued by the CA.
+                let labels = [
+                    ("direction", "inbound".to_string()),
+                    ("service", inbound.policy.clone()),
+                    ("client", client.to_string()),
+                ];
+                let client = Arc::new(Peer {
+                    id: client,
+                    header,
+                    responses: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|code| {
+                        let mut labels = labels.to_vec();
+                        labels.push(("code", code.to_string()));
+                        metrics::counter!(m::RESPONSES, &labels)
+                    }),
+                    latency: metrics::histogram!(m::RESPONSE_LATENCY, &labels),
+                });
                 let service = service_fn(move |req| {
                     let (inbound, client) = (inbound.clone(), client.clone());
                     async move {
                         let active = inbound.drain.track();
+                        let started = tokio::time::Instant::now();
                         let response = inbound.handle(req, &client).await;
+                        let class = usize::from(response.status().as_u16() / 100).clamp(1, 5) - 1;
+                        client.responses[class].increment(1);
+                        client.latency.record(started.elapsed().as_secs_f64());
                         Ok::<_, Infallible>(response.map(|body| {
                             body.map_frame(move |frame| {
                                 let _active = &active;

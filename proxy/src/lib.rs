@@ -17,10 +17,12 @@
 //! * [`authorize`]: AuthorizationPolicy evaluation (DENY wins; ALLOW must match).
 //! * [`inbound`]: mTLS from peers, the client's identity for the app, the app's own
 //!   protocol. [`http`] holds what both sides share.
-//! * [`admin`], [`metrics`]: what operators see; [`drain`]: graceful shutdown.
+//! * [`admin`], [`metrics`], [`access`]: what operators see (and access logs, trace
+//!   context); [`drain`]: graceful shutdown.
 
 #![forbid(unsafe_code)]
 
+pub mod access;
 pub mod admin;
 pub mod authorize;
 pub mod balance;

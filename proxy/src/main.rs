@@ -94,6 +94,14 @@ struct Args {
     /// it below the pod's `terminationGracePeriodSeconds` to see "proxy stopped".
     #[arg(long, env = "WARY_SHUTDOWN_GRACE_PERIOD_S", default_value_t = 30)]
     shutdown_grace_period_s: u64,
+    /// Access logs: `off`, or `json` (one JSON object a line on stdout per request sent
+    /// on).
+    #[arg(long, env = "WARY_ACCESS_LOG", default_value = "off")]
+    access_log: String,
+    /// Continue W3C trace context (`traceparent`) with a span for the proxy's hop, and
+    /// record trace and span ids in access logs.
+    #[arg(long, env = "WARY_TRACING")]
+    tracing: bool,
     /// Log format: `text` or `json`. The level is set with RUST_LOG (default `info`).
     #[arg(long, env = "WARY_LOG_FORMAT", default_value = "text")]
     log_format: String,
@@ -144,6 +152,12 @@ async fn main() -> anyhow::Result<()> {
         .context("quantiles")?
         .set_bucket_duration(Duration::from_secs(20))
         .context("bucket duration")?
+        // Service latency as a real histogram, so PromQL can aggregate it.
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Full(m::RESPONSE_LATENCY.into()),
+            &m::LATENCY_BUCKETS,
+        )
+        .context("latency buckets")?
         .install_recorder()
         .context("cannot install the metrics recorder")?;
     // Histogram samples pile up until drained: drain them every 5 s even if nobody
@@ -198,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
     let config = discovery::DiscoveryConfig::new(control_plane.clone(), creds.clone(), node);
     let cache = Arc::new(Cache::default());
 
-    let admin_listener = TcpListener::bind(args.admin_addr).await.with_context(|| {
+    let admin_listener = std::net::TcpListener::bind(args.admin_addr).with_context(|| {
         format!(
             "cannot listen on {} for admin: pick another with --admin-addr",
             args.admin_addr
@@ -223,11 +237,18 @@ async fn main() -> anyhow::Result<()> {
         Duration::from_millis(args.connect_timeout_ms),
     ));
     let drain = Arc::new(Drain::default());
+    let shutdown = Arc::new(tokio::sync::Notify::new());
     let outbound_config = OutboundConfig {
         namespace,
         opaque_ports: args.opaque_ports.0,
         detect_timeout: Duration::from_millis(args.detect_timeout_ms),
         expect_continue_wait: Duration::from_millis(args.expect_continue_wait_ms),
+        access_log: match args.access_log.as_str() {
+            "off" => None,
+            "json" => Some(wary_proxy::access::AccessLog::start()),
+            other => bail!("--access-log {other:?}: use off or json"),
+        },
+        tracing: args.tracing,
     };
     let outbound = Arc::new(Outbound::new(cache.clone(), pool, outbound_config, drain.clone()));
     let admin = Admin {
@@ -237,8 +258,11 @@ async fn main() -> anyhow::Result<()> {
         creds: creds.clone(),
         balancers: outbound.balancers(),
         drain: drain.clone(),
+        shutdown: shutdown.clone(),
     };
-    tokio::spawn(admin.serve(admin_listener));
+    admin
+        .serve_on_own_thread(admin_listener)
+        .context("cannot start the admin server's thread")?;
     tokio::spawn(outbound.serve(outbound_listener));
     let reserved = vec![admin_addr.port(), outbound_addr.port(), inbound_addr.port()];
     let policy_name = format!("{}.{}", workload_name, workload_namespace);
@@ -278,6 +302,7 @@ async fn main() -> anyhow::Result<()> {
     tokio::select! {
         _ = interrupt.recv() => {}
         _ = term.recv() => {}
+        _ = shutdown.notified() => {}
     }
     let grace = Duration::from_secs(args.shutdown_grace_period_s);
     drain.start();

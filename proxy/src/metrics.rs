@@ -50,17 +50,30 @@ pub const RETRIES: &str = "wary_proxy_retries_total";
 /// Counter, by `service`: requests refused at once by the bulkhead
 /// (`TrafficPolicy.connectionPool`).
 pub const OVERFLOWS: &str = "wary_proxy_bulkhead_overflows_total";
-/// Counter, by `direction` and `service` and `code` (the status class, `2xx`...`5xx`):
-/// responses returned to the client, after any retries.
+/// Counter, by `direction` and `service` and `code` (the status class, `2xx`...`5xx`),
+/// and inbound by `client` (the caller's SPIFFE ID): responses returned to the
+/// client, after any retries.
 pub const RESPONSES: &str = "wary_proxy_responses_total";
+/// Histogram, by `direction` and `service` (inbound also `client`): time from the
+/// request to the response's headers, retries included, seconds. Buckets:
+/// [`LATENCY_BUCKETS`].
+pub const RESPONSE_LATENCY: &str = "wary_proxy_response_latency_seconds";
+/// The buckets of [`RESPONSE_LATENCY`], seconds: 1 ms to 10 s.
+pub const LATENCY_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+/// Counter: opaque streams carried (TCP via `CONNECT` or transparent mode, and
+/// upgraded HTTP/1.1 connections), counted when they end.
+pub const TCP_STREAMS: &str = "wary_proxy_tcp_streams_total";
+/// Counter, by `flow` (`to_server`, `to_client`): bytes carried in opaque streams.
+pub const TCP_BYTES: &str = "wary_proxy_tcp_bytes_total";
 
 /// Counter, by `decision` (`allow`, `deny`) and `policy` (the deciding
 /// AuthorizationPolicy's `<name>.<namespace>`, or `default`): inbound requests
 /// authorized.
 pub const AUTHORIZATIONS: &str = "wary_proxy_inbound_authorizations_total";
 
-/// Registers the help text and unit of every metric.
+/// Registers the help text and unit of every metric (Prometheus `# HELP` lines).
 pub fn describe() {
+    use metrics::describe_histogram;
     describe_gauge!(
         DISCOVERY_CONNECTED,
         Unit::Count,
@@ -75,5 +88,89 @@ pub fn describe() {
         DISCOVERY_UPDATES,
         Unit::Count,
         "Discovery responses by resource type and result (ack, nack)."
+    );
+    describe_gauge!(
+        CERT_EXPIRY,
+        Unit::Seconds,
+        "The workload certificate's notAfter, Unix seconds."
+    );
+    describe_counter!(
+        CERT_RENEWALS,
+        Unit::Count,
+        "Certificate requests (first and renewals) by result."
+    );
+    describe_counter!(
+        TLS_HANDSHAKE_FAILURES,
+        Unit::Count,
+        "TLS handshakes that failed, by direction and reason."
+    );
+    describe_counter!(
+        TLS_HANDSHAKES,
+        Unit::Count,
+        "TLS handshakes that succeeded, by direction."
+    );
+    describe_counter!(REQUESTS, Unit::Count, "Requests proxied, by direction and service.");
+    describe_gauge!(
+        ENDPOINT_EWMA,
+        Unit::Seconds,
+        "Peak-EWMA RTT estimate of each endpoint, seconds."
+    );
+    describe_gauge!(ENDPOINT_IN_FLIGHT, Unit::Count, "Requests in flight to each endpoint.");
+    describe_counter!(ENDPOINT_REQUESTS, Unit::Count, "Requests sent to each endpoint.");
+    describe_counter!(
+        ENDPOINT_RESPONSES,
+        Unit::Count,
+        "Attempts answered by each endpoint, by outcome (success, failure)."
+    );
+    describe_histogram!(
+        ENDPOINT_LATENCY,
+        Unit::Seconds,
+        "Time to each endpoint's first response byte, seconds (rolling-minute quantiles)."
+    );
+    describe_gauge!(
+        ENDPOINT_EJECTED,
+        Unit::Count,
+        "1 while outlier detection holds the endpoint out."
+    );
+    describe_counter!(
+        ENDPOINT_EJECTIONS,
+        Unit::Count,
+        "Ejections of each endpoint after consecutive failures."
+    );
+    describe_counter!(
+        RETRIES,
+        Unit::Count,
+        "Retries by service and result (sent, budget_exhausted, not_retryable)."
+    );
+    describe_counter!(
+        OVERFLOWS,
+        Unit::Count,
+        "Requests refused at once by a service's bulkhead."
+    );
+    describe_counter!(
+        RESPONSES,
+        Unit::Count,
+        "Responses returned to the client after any retries, by direction, service, status class (and client inbound)."
+    );
+    describe_histogram!(
+        RESPONSE_LATENCY,
+        Unit::Seconds,
+        "Time from request to response headers, retries included, seconds."
+    );
+    describe_counter!(
+        TCP_STREAMS,
+        Unit::Count,
+        "Opaque streams carried (CONNECT, transparent TCP, upgrades)."
+    );
+    describe_counter!(TCP_BYTES, Unit::Bytes, "Bytes carried in opaque streams, by flow.");
+    describe_counter!(
+        AUTHORIZATIONS,
+        Unit::Count,
+        "Inbound requests authorized, by decision and deciding policy."
+    );
+    describe_counter!(
+        crate::access::DROPPED,
+        Unit::Count,
+        "Access log lines dropped because the writer fell behind."
     );
 }

@@ -36,6 +36,7 @@ use crate::balance::{Balancers, Pick};
 use crate::retry::{self, Overflow, ReplayBody, RetryOn};
 use crate::routes::{Policy, PortTargets, Route, RouteTable, Target, Via};
 
+use crate::access::{self, AccessLog};
 use crate::detect::{self, Prefixed, Protocol};
 use crate::drain::Drain;
 use crate::http::{self as h, Body, error_response};
@@ -57,6 +58,8 @@ pub struct Outbound {
     via: HeaderValue,
     detect_timeout: Duration,
     expect_continue_wait: Duration,
+    access_log: Option<Arc<AccessLog>>,
+    tracing: bool,
     drain: Arc<Drain>,
 }
 
@@ -74,6 +77,10 @@ pub struct OutboundConfig {
     /// How long a request with `Expect: 100-continue` holds its body back for the
     /// server's answer (default [`h::EXPECT_CONTINUE_WAIT`], 250 ms).
     pub expect_continue_wait: Duration,
+    /// Where access log lines go; `None` (the default): no access log.
+    pub access_log: Option<Arc<AccessLog>>,
+    /// Continue (or start) W3C trace context on each request; default off.
+    pub tracing: bool,
 }
 
 impl Outbound {
@@ -109,6 +116,8 @@ impl Outbound {
             opaque_ports: config.opaque_ports,
             detect_timeout: config.detect_timeout,
             expect_continue_wait: config.expect_continue_wait,
+            access_log: config.access_log,
+            tracing: config.tracing,
             drain,
         }
     }
@@ -384,11 +393,18 @@ impl Outbound {
     /// tried on up to `attempts` endpoints as its retry policy and budget allow.
     async fn forward_http(
         &self,
-        req: Request<Incoming>,
+        mut req: Request<Incoming>,
         dst: &Authority,
         route: &Route,
         targets: &PortTargets,
     ) -> Response<Body> {
+        let started = tokio::time::Instant::now();
+        let hop = self.tracing.then(|| access::continue_trace(req.headers_mut()));
+        // Copied only when there is an access log to write.
+        let logged = self
+            .access_log
+            .as_ref()
+            .map(|_| (req.method().to_string(), req.uri().path().to_string()));
         let grpc = h::is_grpc(req.headers());
         let client_deadline = h::grpc_timeout(req.headers());
         let deadline = match (route.policy.request_timeout, client_deadline) {
@@ -435,7 +451,27 @@ impl Outbound {
                 ),
             },
         };
+        let took = started.elapsed();
         route.count_response(response.status());
+        route.latency.record(took.as_secs_f64());
+        if let (Some(log), Some((method, path))) = (&self.access_log, &logged) {
+            let header = |name| response.headers().get(name).and_then(|v: &HeaderValue| v.to_str().ok());
+            log.record(&access::Entry {
+                time: access::now(),
+                direction: "outbound",
+                service: &route.name,
+                client: None,
+                method,
+                authority: dst.as_str(),
+                path,
+                status: response.status().as_u16(),
+                attempts: header(h::ATTEMPTS).and_then(|a| a.parse().ok()),
+                duration_ms: took.as_secs_f64() * 1e3,
+                error: header(h::ERROR),
+                trace_id: hop.as_ref().map(|h| h.trace_id.as_str()),
+                span_id: hop.as_ref().map(|h| h.span_id.as_str()),
+            });
+        }
         response
     }
 

@@ -84,6 +84,8 @@ pub struct Route {
     pub overflows: metrics::Counter,
     /// `wary_proxy_responses_total` by status class, 1xx to 5xx.
     pub responses: [metrics::Counter; 5],
+    /// `wary_proxy_response_latency_seconds`.
+    pub latency: metrics::Histogram,
 }
 
 impl Route {
@@ -153,6 +155,7 @@ impl RouteTable {
                 retries_budget_exhausted: metrics::counter!(m::RETRIES, "service" => name.clone(), "result" => "budget_exhausted"),
                 retries_not_replayable: metrics::counter!(m::RETRIES, "service" => name.clone(), "result" => "not_retryable"),
                 overflows: metrics::counter!(m::OVERFLOWS, "service" => name.clone()),
+                latency: metrics::histogram!(m::RESPONSE_LATENCY, "direction" => "outbound", "service" => name.clone()),
                 responses: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|code| {
                     metrics::counter!(m::RESPONSES, "direction" => "outbound", "service" => name.clone(), "code" => code)
                 }),

@@ -101,8 +101,13 @@ where
     D: AsyncRead + AsyncWrite + Unpin,
     U: AsyncRead + AsyncWrite + Unpin,
 {
+    metrics::counter!(crate::metrics::TCP_STREAMS).increment(1);
     match tokio::io::copy_bidirectional(&mut downstream, &mut upstream).await {
-        Ok((sent, received)) => tracing::debug!(what, sent, received, "tunnel closed"),
+        Ok((sent, received)) => {
+            metrics::counter!(crate::metrics::TCP_BYTES, "flow" => "to_server").increment(sent);
+            metrics::counter!(crate::metrics::TCP_BYTES, "flow" => "to_client").increment(received);
+            tracing::debug!(what, sent, received, "tunnel closed");
+        }
         Err(e) => tracing::debug!(what, error = %e, "tunnel ended with an error"),
     }
 }

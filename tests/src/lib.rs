@@ -97,6 +97,17 @@ impl Logs {
         });
     }
 
+    fn follow_lines(&self, name: String, mut lines: StdoutLines) {
+        let logs = self.clone();
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                eprintln!("[{name}] {line}");
+                logs.lines.lock().unwrap().push(line);
+                logs.added.notify_waiters();
+            }
+        });
+    }
+
     /// Every line so far.
     pub fn all(&self) -> Vec<String> {
         self.lines.lock().unwrap().clone()
@@ -272,6 +283,16 @@ fn field<T: std::str::FromStr>(line: &str, key: &str) -> T {
 }
 
 async fn first_line(child: &mut Child) -> String {
+    let (line, mut lines) = first_line_and_rest(child).await;
+    // Keep draining stdout so the child never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    line
+}
+
+type StdoutLines = tokio::io::Lines<BufReader<tokio::process::ChildStdout>>;
+
+/// The first line a child prints, and the reader of the rest.
+async fn first_line_and_rest(child: &mut Child) -> (String, StdoutLines) {
     let stdout = child.stdout.take().expect("stdout");
     let mut lines = BufReader::new(stdout).lines();
     let line = tokio::time::timeout(DEADLINE, lines.next_line())
@@ -279,9 +300,7 @@ async fn first_line(child: &mut Child) -> String {
         .expect("the process printed its addresses in time")
         .expect("read stdout")
         .expect("the process exited before printing its addresses");
-    // Keep draining stdout so the child never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    line
+    (line, lines)
 }
 
 /// A running `wary-proxy`, killed on drop.
@@ -295,6 +314,8 @@ pub struct Proxy {
     pub outbound: SocketAddr,
     /// Its stderr (logs).
     pub logs: Logs,
+    /// Its stdout after the start-up line (access logs).
+    pub stdout: Logs,
 }
 
 impl Proxy {
@@ -341,13 +362,17 @@ impl Proxy {
             .expect("start wary-proxy");
         let logs = Logs::default();
         logs.follow(format!("proxy {workload}"), child.stderr.take().unwrap());
-        let line = first_line(&mut child).await;
+        let (line, rest) = first_line_and_rest(&mut child).await;
+        // The rest of stdout: access logs, when they are on.
+        let stdout = Logs::default();
+        stdout.follow_lines(format!("proxy {workload} stdout"), rest);
         Self {
             admin: field(&line, "admin="),
             inbound: field(&line, "inbound="),
             outbound: field(&line, "outbound="),
             _child: child,
             logs,
+            stdout,
         }
     }
 
