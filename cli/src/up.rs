@@ -296,22 +296,22 @@ async fn start_and_watch(
         }
     };
     tokio::pin!(stopped);
-    let (url, admins) = tokio::select! {
+    let (url, admins, cp_admin) = tokio::select! {
         started = start(dir, workloads, state, procs) => started?,
         _ = &mut stopped => return Ok(()),
     };
     println!("mesh ready: {url}");
-    watch(&url, &admins, view_mode, procs, stopped).await
+    watch(&url, &admins, &cp_admin, view_mode, procs, stopped).await
 }
 
-/// Starts everything; the front door's URL and the proxies' admin addresses once all
-/// are ready.
+/// Starts everything; the front door's URL, the proxies' admin addresses and the
+/// control plane's, once all are ready.
 async fn start(
     dir: &Path,
     workloads: &[Workload],
     state: &Path,
     procs: &mut Procs,
-) -> anyhow::Result<(String, BTreeMap<String, String>)> {
+) -> anyhow::Result<(String, BTreeMap<String, String>, String)> {
     let ca_dir = state.join("ca");
     let store = CaStore::open_or_create(&ca_dir, &wary_certs::TrustDomain::default())
         .with_context(|| format!("cannot create the mesh CA in {}", ca_dir.display()))?;
@@ -374,23 +374,36 @@ async fn start(
             other => PathBuf::from(other),
         };
         let mut cmd = Command::new(program);
+        // Relative paths in a command are the mesh directory's, like the YAML's own.
         cmd.args(&w.spec.command[1..])
+            .current_dir(dir)
             .envs(&w.spec.env)
-            .env("WARY_WORKLOAD_NAME", &w.name);
+            .env("WARY_WORKLOAD_NAME", &w.name)
+            .env("WARY_ADDRESS", w.spec.address.to_string());
         if w.spec.inbound_port != 0 {
             let proxy = format!("http://{}", SocketAddr::new(w.spec.address, 4140));
             cmd.env("HTTP_PROXY", &proxy).env("http_proxy", &proxy);
         }
         if let Some(port) = w.spec.ports.first() {
-            cmd.env("WARY_LISTEN", SocketAddr::new(w.spec.address, port.port).to_string());
+            cmd.env("WARY_LISTEN", SocketAddr::new(w.spec.address, port.port).to_string())
+                .env("WARY_PORT", port.port.to_string());
         }
         procs.spawn(&w.name, &mut cmd, false)?;
+    }
+    for w in workloads.iter().filter(|w| w.spec.command.is_empty()) {
+        if let Some(port) = w.spec.ports.first() {
+            println!(
+                "app {} has no command: start it yourself on {}",
+                w.name,
+                SocketAddr::new(w.spec.address, port.port)
+            );
+        }
     }
 
     // Ready: every proxy, then the front door.
     for (workload, admin) in &admins {
         let ready = format!("http://{admin}/ready");
-        wait_for(&format!("the proxy of {workload} to be ready"), &ready, true).await?;
+        wait_for(&format!("the proxy of {workload} to be ready"), &ready, true, procs).await?;
     }
     let door = workloads.iter().find(|w| w.front_door).and_then(|w| {
         let port = w.spec.ports.first()?;
@@ -399,18 +412,19 @@ async fn start(
     let url = match door {
         Some(url) => {
             // Any HTTP answer: the app serves (its `/` may well be a 404).
-            wait_for("the front door to answer", &url, false).await?;
+            wait_for("the front door to answer", &url, false, procs).await?;
             url
         }
         None => format!("http://{cp_admin}/proxies"),
     };
-    Ok((url, admins))
+    Ok((url, admins, cp_admin))
 }
 
 /// The live view, and children's exits, until `stopped`.
 async fn watch(
     url: &str,
     admins: &BTreeMap<String, String>,
+    cp_admin: &str,
     view_mode: ViewMode,
     procs: &mut Procs,
     mut stopped: std::pin::Pin<&mut impl std::future::Future<Output = ()>>,
@@ -453,9 +467,12 @@ async fn watch(
             continue;
         }
         let seconds = now.0.duration_since(then.0).as_secs_f64().max(0.001);
+        let config_url = format!("http://{cp_admin}/config");
+        let config = view::fetch(&config_url, true).await.unwrap_or_default();
         let header = format!(
-            "wary up: {} proxies, front door {url}; Ctrl-C stops everything",
-            admins.len()
+            "wary up: {} proxies, front door {url}; {}; Ctrl-C stops everything",
+            admins.len(),
+            view::config_line(&config, &config_url)
         );
         let table = view::render(&then.1, &now.1, seconds, &header);
         if tty {
@@ -468,12 +485,16 @@ async fn watch(
 }
 
 /// Polls `url` until it answers (2xx when `success`; any HTTP answer otherwise),
-/// within 60 s.
-async fn wait_for(what: &str, url: &str, success: bool) -> anyhow::Result<()> {
+/// within 60 s; fails at once if anything started has exited meanwhile.
+async fn wait_for(what: &str, url: &str, success: bool, procs: &mut Procs) -> anyhow::Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while tokio::time::Instant::now() < deadline {
         if view::fetch(url, success).await.is_some() {
             return Ok(());
+        }
+        let gone = procs.reap();
+        if !gone.is_empty() {
+            bail!("{} before the mesh was ready", gone.join("; "));
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -218,6 +218,20 @@ async fn fetch_now(url: &str, success: bool) -> Option<String> {
     (status.is_success() || !success).then(|| String::from_utf8_lossy(&body).into_owned())
 }
 
+/// The configuration's state from the control plane's `/config` (JSON with `errors`):
+/// `configuration ok`, or the first error and where to see them all.
+pub fn config_line(config: &str, url: &str) -> String {
+    let status: serde_json::Value = serde_json::from_str(config).unwrap_or_default();
+    let errors = status["errors"].as_array().cloned().unwrap_or_default();
+    match errors.first().and_then(|e| e.as_str()) {
+        None => "configuration ok".to_string(),
+        Some(first) => format!(
+            "CONFIGURATION ERRORS ({}, last good kept): {first} (all: {url})",
+            errors.len()
+        ),
+    }
+}
+
 /// When a refresh started, for rates.
 pub fn now() -> Instant {
     Instant::now()
@@ -249,5 +263,8 @@ mod tests {
             "{table}"
         );
         assert!(row.contains("4.0ms") && row.contains("OPEN"), "{table}");
+        assert_eq!(config_line(r#"{"errors":[]}"#, "u"), "configuration ok");
+        let bad = config_line(r#"{"errors":["a.yaml:3: bad","b.yaml:1: worse"]}"#, "u");
+        assert!(bad.contains("(2, last good kept): a.yaml:3: bad (all: u)"), "{bad}");
     }
 }

@@ -184,6 +184,9 @@ fn record(
         metrics::gauge!(m::RESOURCES, "type" => wary_proto::kind_of(t)).set(n as f64);
     }
     status.send_modify(|s| {
+        if !s.errors.is_empty() && errors.is_empty() {
+            tracing::info!(dir, "the configuration reads clean again: every file is in force");
+        }
         s.dir = dir.to_string();
         s.versions = snap.versions();
         s.counts = snap.counts();

@@ -221,6 +221,8 @@ struct TypeStream {
     /// The nonce of the latest response; ACK/NACKs of older ones are stale.
     nonce: String,
     sent_version: String,
+    /// When the latest response was sent, for the push latency.
+    sent_at: Option<std::time::Instant>,
 }
 
 impl TypeStream {
@@ -380,6 +382,9 @@ impl ProxyStream {
         } else if !req.response_nonce.is_empty() {
             if req.response_nonce == ts.nonce {
                 metrics::counter!(m::ACKS, "type" => kind).increment(1);
+                if let Some(sent) = ts.sent_at.take() {
+                    metrics::histogram!(m::PUSH_SECONDS, "type" => kind).record(sent.elapsed().as_secs_f64());
+                }
                 tracing::debug!(stream = self.id, kind, version = %req.version_info, "ACK");
                 self.registry.update(self.id, |p| {
                     let t = p.types.entry(kind).or_default();
@@ -481,6 +486,7 @@ impl ProxyStream {
         self.nonce += 1;
         ts.nonce = self.nonce.to_string();
         ts.sent_version = snap.version.clone();
+        ts.sent_at = Some(std::time::Instant::now());
         let kind = kind_of(type_url);
         metrics::counter!(m::RESPONSES, "type" => kind).increment(1);
         metrics::counter!(m::RESOURCES_SENT, "type" => kind).increment(resources.len() as u64);

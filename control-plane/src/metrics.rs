@@ -30,8 +30,17 @@ pub const CERTIFICATES_ISSUED: &str = "wary_control_plane_certificate_requests_t
 /// handshakes refused on the control plane's port.
 pub const TLS_HANDSHAKE_FAILURES: &str = "wary_control_plane_tls_handshake_failures_total";
 
+/// Summary, by `type`: from sending a discovery response to the proxy's ACK of it,
+/// seconds (the push's round trip, the proxy's validation included).
+pub const PUSH_SECONDS: &str = "wary_control_plane_push_seconds";
+
 /// Registers the help text and unit of every metric.
 pub fn describe() {
+    metrics::describe_histogram!(
+        PUSH_SECONDS,
+        Unit::Seconds,
+        "From sending a discovery response to its ACK, by resource type, seconds."
+    );
     describe_gauge!(CONNECTED_PROXIES, Unit::Count, "Proxies with an open discovery stream.");
     describe_counter!(RESPONSES, Unit::Count, "Discovery responses sent, by resource type.");
     describe_counter!(

@@ -129,6 +129,8 @@ impl EndpointLoad {
         let w = (-elapsed / decay.as_secs_f64()).exp();
         g.0 = (g.0 * w).max(RTT_FLOOR.as_secs_f64());
         g.1 = now;
+        // The gauge follows the decay too, so it agrees with /config_dump.
+        self.ewma_gauge.set(g.0);
         g.0
     }
 
