@@ -201,6 +201,7 @@ impl Pick {
         if self.load.outlier.success(self.probe) {
             self.balancer.ejected.fetch_sub(1, Ordering::Relaxed);
             self.load.ejected_gauge.set(0.0);
+            self.balancer.reseed(&self.load);
             tracing::info!(service = %self.balancer.service, "the probe succeeded: endpoint readmitted");
         }
     }
@@ -356,6 +357,26 @@ impl Balancer {
         let load = Arc::new(EndpointLoad::new(&self.service, addr, seed));
         loads.insert(addr, load.clone());
         load
+    }
+
+    /// Starts a readmitted endpoint's estimate afresh at its peers' mean, as for a
+    /// joining endpoint: what it measured before its ejection is stale, and a peak
+    /// from then would otherwise keep it starved for several decay times (tower#134).
+    fn reseed(&self, load: &Arc<EndpointLoad>) {
+        let loads = self.loads.lock().unwrap_or_else(|e| e.into_inner());
+        let peers: Vec<f64> = loads
+            .values()
+            .filter(|l| !Arc::ptr_eq(l, load))
+            .map(|l| l.ewma.lock().unwrap_or_else(|e| e.into_inner()).0)
+            .collect();
+        drop(loads);
+        if peers.is_empty() {
+            return;
+        }
+        let mean = peers.iter().sum::<f64>() / peers.len() as f64;
+        let mut g = load.ewma.lock().unwrap_or_else(|e| e.into_inner());
+        *g = (mean.max(RTT_FLOOR.as_secs_f64()), Instant::now());
+        load.ewma_gauge.set(g.0);
     }
 
     /// Forgets endpoints that are no longer in `current` (after a discovery update).

@@ -231,6 +231,10 @@ fn apply(extra_check: Option<&ExtraCheck>, cache: &Cache, response: DiscoveryRes
     };
     set_version(&mut state, type_url, &version_info);
     cache.store(state);
+    // The version as a number: proxies showing the same value hold the same config.
+    if let Ok(v) = u64::from_str_radix(version_info.get(..13).unwrap_or(&version_info), 16) {
+        metrics::gauge!(m::DISCOVERY_VERSION, "type" => kind).set(v as f64);
+    }
     metrics::counter!(m::DISCOVERY_UPDATES, "type" => kind, "result" => if nack { "nack" } else { "ack" }).increment(1);
     let error_detail = nack.then(|| {
         let message = errors

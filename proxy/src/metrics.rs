@@ -10,6 +10,10 @@ pub const DISCOVERY_CONNECTED: &str = "wary_proxy_discovery_connected";
 pub const DISCOVERY_RECONNECTS: &str = "wary_proxy_discovery_reconnects_total";
 /// Counter, by `type` and `result`: discovery responses applied (ACK) or rejected (NACK).
 pub const DISCOVERY_UPDATES: &str = "wary_proxy_discovery_updates_total";
+/// Gauge, by `type`: the version in force, as a number (the first 52 bits of the
+/// content-hash version, exact in a float): proxies with the same value hold the same
+/// configuration of that type. The full version is on `/config_dump`.
+pub const DISCOVERY_VERSION: &str = "wary_proxy_discovery_version";
 
 /// Gauge: the current workload certificate's notAfter, Unix seconds.
 pub const CERT_EXPIRY: &str = "wary_proxy_identity_certificate_expiry_timestamp_seconds";
@@ -20,6 +24,8 @@ pub const CERT_RENEWALS: &str = "wary_proxy_identity_certificate_requests_total"
 pub const TLS_HANDSHAKE_FAILURES: &str = "wary_proxy_tls_handshake_failures_total";
 /// Counter, by `direction`: TLS handshakes that succeeded.
 pub const TLS_HANDSHAKES: &str = "wary_proxy_tls_handshakes_total";
+/// Gauge: pooled HTTP/2 connections to peer proxies.
+pub const PEER_CONNECTIONS: &str = "wary_proxy_peer_connections";
 
 /// Counter, by `direction` and `service` (`<name>.<namespace>` from the mesh's own
 /// configuration, `passthrough` outside the mesh, `local` inbound): requests proxied.
@@ -88,6 +94,16 @@ pub fn describe() {
         DISCOVERY_UPDATES,
         Unit::Count,
         "Discovery responses by resource type and result (ack, nack)."
+    );
+    describe_gauge!(
+        DISCOVERY_VERSION,
+        Unit::Count,
+        "The configuration version in force by type, as a number (first 52 bits of its hash)."
+    );
+    describe_gauge!(
+        PEER_CONNECTIONS,
+        Unit::Count,
+        "Pooled HTTP/2 connections to peer proxies."
     );
     describe_gauge!(
         CERT_EXPIRY,

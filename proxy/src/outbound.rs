@@ -96,6 +96,16 @@ impl Outbound {
             balancers.clone(),
             pool.clone(),
         ));
+        tokio::spawn({
+            let pool = pool.clone();
+            async move {
+                let mut tick = tokio::time::interval(Duration::from_secs(10));
+                loop {
+                    tick.tick().await;
+                    pool.close_idle();
+                }
+            }
+        });
         let mut connector = HttpConnector::new();
         // Linkerd's connect timeout, also outside the mesh.
         connector.set_connect_timeout(Some(PASSTHROUGH_CONNECT_TIMEOUT));
@@ -567,7 +577,7 @@ impl Outbound {
         policy: &Policy,
         grpc: bool,
     ) -> Result<Response<Incoming>, (Failure, Response<Body>)> {
-        let (per_try, connect_timeout) = (policy.per_try_timeout, policy.connect_timeout);
+        let (per_try, connect_timeout, idle) = (policy.per_try_timeout, policy.connect_timeout, policy.idle_timeout);
         let send = async {
             match &target.via {
                 Via::Mesh { peer, identity } => {
@@ -576,7 +586,7 @@ impl Outbound {
                     parts.headers.remove(http::header::HOST);
                     parts.uri = with_authority(&parts.uri, dst);
                     parts.version = Version::HTTP_2;
-                    let mut sender = match self.pool.get(*peer, identity, connect_timeout).await {
+                    let mut sender = match self.pool.get(*peer, identity, connect_timeout, idle).await {
                         Ok(sender) => sender,
                         Err(e) => return Err((Failure::Connect, connect_error(&e))),
                     };
@@ -731,7 +741,7 @@ impl Outbound {
             .insert(h::DST_PORT, HeaderValue::from(hop.app_port));
         let mut sender = self
             .pool
-            .get(hop.peer, hop.identity, None)
+            .get(hop.peer, hop.identity, None, None)
             .await
             .map_err(|e| connect_error(&e))?;
         let response = sender

@@ -60,9 +60,24 @@ pub struct PeerPool {
     conns: Mutex<HashMap<SocketAddr, Slot>>,
 }
 
-/// One peer's connection and the identity it proved, behind an async lock so
-/// concurrent callers wait for a single connect instead of each opening their own.
-type Slot = Arc<tokio::sync::Mutex<Option<(SpiffeId, SendRequest<Body>)>>>;
+/// One peer's connection, behind an async lock so concurrent callers wait for a single
+/// connect instead of each opening their own.
+type Slot = Arc<tokio::sync::Mutex<Option<Conn>>>;
+
+/// A pooled connection.
+struct Conn {
+    /// The identity the peer proved.
+    identity: SpiffeId,
+    sender: SendRequest<Body>,
+    /// When a request last took it.
+    used: tokio::time::Instant,
+    /// Closed after this long unused.
+    idle: Duration,
+}
+
+/// How long a pooled connection may sit unused before it is closed, when the service's
+/// policy sets none: 1 h (`TrafficPolicy.timeouts.idle`).
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 
 impl PeerPool {
     /// A pool presenting `creds` and verifying peers against its bundle; TCP + TLS
@@ -77,8 +92,10 @@ impl PeerPool {
     }
 
     /// A sender on a ready connection to `addr` that presents `identity`, opening one if
-    /// needed (TCP and TLS within `connect_timeout`, or the pool's default). Concurrent
-    /// callers for one peer wait for a single connect.
+    /// needed (TCP and TLS within `connect_timeout`, or the pool's default). The
+    /// connection is closed once unused for `idle` ([`DEFAULT_IDLE_TIMEOUT`] when
+    /// `None`; see [`PeerPool::close_idle`]). Concurrent callers for one peer wait for
+    /// a single connect.
     ///
     /// # Errors
     /// [`ConnectError`] when TCP, TLS or HTTP/2 fails.
@@ -87,6 +104,7 @@ impl PeerPool {
         addr: SocketAddr,
         identity: &SpiffeId,
         connect_timeout: Option<Duration>,
+        idle: Option<Duration>,
     ) -> Result<SendRequest<Body>, ConnectError> {
         let slot = {
             let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
@@ -96,17 +114,43 @@ impl PeerPool {
             }
         };
         let mut slot = slot.lock().await;
-        if let Some((proved, sender)) = slot.as_ref()
-            && proved == identity
-            && !sender.is_closed()
-            && sender.is_ready()
+        let idle = idle.unwrap_or(DEFAULT_IDLE_TIMEOUT);
+        if let Some(conn) = slot.as_mut()
+            && conn.identity == *identity
+            && !conn.sender.is_closed()
+            && conn.sender.is_ready()
         {
-            return Ok(sender.clone());
+            conn.used = tokio::time::Instant::now();
+            conn.idle = idle;
+            return Ok(conn.sender.clone());
         }
         let timeout = connect_timeout.unwrap_or(self.connect_timeout);
         let sender = self.connect(addr, identity, timeout).await?;
-        *slot = Some((identity.clone(), sender.clone()));
+        *slot = Some(Conn {
+            identity: identity.clone(),
+            sender: sender.clone(),
+            used: tokio::time::Instant::now(),
+            idle,
+        });
+        self.count();
         Ok(sender)
+    }
+
+    /// Updates the pooled-connections gauge.
+    fn count(&self) {
+        let n = self.conns.lock().unwrap_or_else(|e| e.into_inner()).len();
+        metrics::gauge!(m::PEER_CONNECTIONS).set(n as f64);
+    }
+
+    /// Forgets connections unused for longer than their idle timeout; each closes once
+    /// its last request (which holds its own handle) ends. Called periodically.
+    pub fn close_idle(&self) {
+        self.conns.lock().unwrap_or_else(|e| e.into_inner()).retain(|_, slot| {
+            // A slot being connected or used right now is not idle.
+            let Ok(conn) = slot.try_lock() else { return true };
+            conn.as_ref().is_none_or(|c| c.used.elapsed() < c.idle)
+        });
+        self.count();
     }
 
     /// Closes and forgets connections to peers not in `current` (after a discovery
@@ -116,12 +160,14 @@ impl PeerPool {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|addr, _| current.contains(addr));
+        self.count();
     }
 
     /// Forgets the connection to `addr` (after it failed), so the next request opens a
     /// new one.
     pub fn evict(&self, addr: SocketAddr) {
         self.conns.lock().unwrap_or_else(|e| e.into_inner()).remove(&addr);
+        self.count();
     }
 
     async fn connect(

@@ -234,6 +234,8 @@ pub struct Policy {
     /// TCP + TLS connect to an endpoint's proxy; `None`: the proxy's
     /// `--connect-timeout-ms` (1 s).
     pub connect_timeout: Option<Duration>,
+    /// Close a pooled connection unused this long; `None`: 1 h.
+    pub idle_timeout: Option<Duration>,
 }
 
 fn duration(d: Option<&prost_types::Duration>) -> Option<Duration> {
@@ -293,6 +295,7 @@ fn policy(service: &Service) -> Policy {
         request_timeout: duration(timeouts.and_then(|t| t.request.as_ref())),
         per_try_timeout: duration(timeouts.and_then(|t| t.per_try.as_ref())),
         connect_timeout: duration(timeouts.and_then(|t| t.connect.as_ref())),
+        idle_timeout: duration(timeouts.and_then(|t| t.idle.as_ref())),
     }
 }
 

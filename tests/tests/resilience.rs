@@ -275,10 +275,19 @@ async fn a_failing_backend_is_ejected_probed_and_readmitted() {
     })
     .await;
     let readmitted = apps[1].served.load(Ordering::Relaxed);
-    wait_until("backend-2 takes traffic again", || async {
-        (apps[1].served.load(Ordering::Relaxed) >= readmitted + 10).then_some(())
-    })
-    .await;
+    let deadline = tokio::time::Instant::now() + wary_tests::DEADLINE;
+    while apps[1].served.load(Ordering::Relaxed) < readmitted + 10 {
+        // On failure, say what the balancer saw.
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "backend-2 took no traffic after readmission; served {:?}; the client's view: {}",
+            apps.iter()
+                .map(|a| a.served.load(Ordering::Relaxed))
+                .collect::<Vec<_>>(),
+            m.web.config_dump().await["load"]
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     stop.store(true, Ordering::Relaxed);
     let (sent, failed) = traffic.await.unwrap();
     // Only the failures before the ejection and the failed probes reached the client.
@@ -463,4 +472,24 @@ async fn deadlines_are_the_clients_own_and_an_empty_service_answers_at_once() {
     // proxy that waited for endpoints would miss every time.
     assert!(fastest < Duration::from_millis(100), "no-endpoints took {fastest:?}");
     let _ = &m.backends;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_closed_and_the_next_request_opens_another() {
+    let net = "127.0.47";
+    let m = mesh(net, 1, "  timeouts: {idle: 1s}\n").await;
+    let _apps = apps(net, 1).await;
+    let get = || curl(m.web.outbound, &["http://backend.default:9090/"]);
+    assert!(get().await.starts_with("HTTP/1.1 200"));
+    let handshakes = "wary_proxy_tls_handshakes_total{direction=\"outbound\"}";
+    let first = sample(&m.web.admin_get("/metrics").await, handshakes).unwrap();
+    // Unused for its idle timeout, the pooled connection goes (checked every 10 s).
+    wait_until("the idle connection is closed", || async {
+        let metrics = m.web.admin_get("/metrics").await;
+        (sample(&metrics, "wary_proxy_peer_connections") == Some(0.0)).then_some(())
+    })
+    .await;
+    assert!(get().await.starts_with("HTTP/1.1 200"));
+    let second = sample(&m.web.admin_get("/metrics").await, handshakes).unwrap();
+    assert_eq!(second, first + 1.0, "a new connection, a new handshake");
 }
