@@ -9,6 +9,11 @@
 //!                   ProxyRegistry (acked version, last NACK) → /proxies, metrics
 //! ```
 //!
+//! Every stream is authenticated: the proxy presents the mesh certificate it obtained
+//! at bootstrap (Identity.Certify with a join token), and receives only the
+//! InboundPolicy of workloads running as that identity, so no workload can read another's
+//! authorization rules.
+//!
 //! Versions are content hashes (see [`crate::snapshot`]); what a proxy holds is tracked
 //! by name → version, seeded from `initial_resource_versions` on reconnect, so after the
 //! first response only what changed travels.
@@ -23,13 +28,16 @@ use futures::Stream;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::{Request, Response, Status, Streaming};
+use wary_certs::SpiffeId;
+use wary_certs::tls::peer_identity;
 use wary_proto::discovery::discovery_server::Discovery;
-use wary_proto::discovery::{DiscoveryRequest, DiscoveryResponse, Node};
-use wary_proto::{WILDCARD, kind_of};
+use wary_proto::discovery::{DiscoveryRequest, DiscoveryResponse, InboundPolicy, Node};
+use wary_proto::{TypedResource, WILDCARD, kind_of};
 
 use crate::metrics as m;
-use crate::snapshot::{Snapshot, TypeSnapshot};
+use crate::snapshot::Snapshot;
 
 /// The most resource names one stream may subscribe to per type, so a peer cannot grow
 /// the control plane's memory without bound.
@@ -57,6 +65,8 @@ pub struct ProxyStatus {
     pub proxy_version: String,
     /// Its remote address.
     pub peer: String,
+    /// The SPIFFE ID of the certificate it presented.
+    pub identity: String,
     /// When the stream opened, seconds since the Unix epoch.
     pub connected_at_unix_seconds: u64,
     /// Per resource kind (`service`, `endpoints`, `inbound_policy`).
@@ -183,10 +193,16 @@ impl Discovery for DiscoveryService {
             ));
         }
         let peer = request.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let identity = authenticate(&request).inspect_err(|status| {
+            metrics::counter!(m::STREAMS_REFUSED, "reason" => "unauthenticated").increment(1);
+            tracing::warn!(%peer, reason = %status.message(), "refused an unauthenticated discovery stream");
+        })?;
         let (tx, rx) = mpsc::channel(16);
         let stream = ProxyStream {
             id: self.next_stream.fetch_add(1, Ordering::Relaxed),
             peer,
+            identity: identity.to_string(),
+            namespace: identity.namespace().to_string(),
             control_plane_id: self.id.clone(),
             registry: self.registry.clone(),
             tx,
@@ -199,10 +215,36 @@ impl Discovery for DiscoveryService {
     }
 }
 
+/// The SPIFFE ID of the mesh certificate the client presented in the TLS handshake
+/// (already verified against the trust bundle there).
+///
+/// # Errors
+/// UNAUTHENTICATED, saying how to get a certificate, when it presented none or one
+/// without a SPIFFE ID.
+fn authenticate<T>(request: &Request<T>) -> Result<SpiffeId, Status> {
+    let cert = request
+        .extensions()
+        .get::<TlsConnectInfo<TcpConnectInfo>>()
+        .and_then(TlsConnectInfo::peer_certs)
+        .and_then(|certs| certs.first().cloned())
+        .ok_or_else(|| {
+            Status::unauthenticated(
+                "discovery requires the mesh certificate: obtain one with Identity.Certify (a join token proves \
+                 who you are) and present it on the discovery connection",
+            )
+        })?;
+    peer_identity(&cert)
+        .map_err(|e| Status::unauthenticated(format!("the client certificate has no mesh identity: {e}")))
+}
+
 /// One proxy's stream.
 struct ProxyStream {
     id: u64,
     peer: String,
+    /// The SPIFFE ID the proxy authenticated as.
+    identity: String,
+    /// Its namespace: a proxy may announce only a node in it.
+    namespace: String,
     control_plane_id: String,
     registry: Arc<ProxyRegistry>,
     tx: mpsc::Sender<Result<DiscoveryResponse, Status>>,
@@ -271,6 +313,14 @@ impl ProxyStream {
             }
         };
         if let End::Refused(status) = end {
+            let reason = match status.code() {
+                tonic::Code::PermissionDenied => "permission_denied",
+                tonic::Code::InvalidArgument => "invalid_argument",
+                tonic::Code::ResourceExhausted => "resource_exhausted",
+                tonic::Code::Unavailable => "unavailable",
+                _ => "other",
+            };
+            metrics::counter!(m::STREAMS_REFUSED, "reason" => reason).increment(1);
             tracing::warn!(stream = self.id, peer = %self.peer, %status, "refused a discovery stream");
             let _ = self.tx.send(Err(status)).await;
         }
@@ -289,6 +339,17 @@ impl ProxyStream {
             {
                 return Err(End::Refused(Status::invalid_argument(format!(
                     "node.id, node.workload and node.namespace must be at most {MAX_NAME_BYTES} bytes"
+                ))));
+            }
+            let namespace = if node.namespace.is_empty() {
+                "default"
+            } else {
+                &node.namespace
+            };
+            if namespace != self.namespace {
+                return Err(End::Refused(Status::permission_denied(format!(
+                    "node.namespace {namespace:?} is not the namespace of this proxy's identity {}",
+                    self.identity
                 ))));
             }
             if node.id.is_empty() {
@@ -311,19 +372,20 @@ impl ProxyStream {
                     },
                     proxy_version: node.proxy_version.clone(),
                     peer: self.peer.clone(),
+                    identity: self.identity.clone(),
                     connected_at_unix_seconds: unix_now(),
                     types: BTreeMap::new(),
                 },
             );
             self.node = Some(node);
         }
-        let Some(types) = snapshot.get(&req.type_url) else {
+        if snapshot.get(&req.type_url).is_none() {
             return Err(End::Refused(Status::invalid_argument(format!(
                 "unknown type_url {:?}: this control plane serves {}",
                 req.type_url,
                 crate::snapshot::TYPE_URLS.join(", ")
             ))));
-        };
+        }
         let kind = kind_of(&req.type_url);
         let too_long = req
             .resource_names_subscribe
@@ -334,6 +396,9 @@ impl ProxyStream {
             return Err(End::Refused(Status::invalid_argument(format!(
                 "a resource name is longer than {MAX_NAME_BYTES} bytes"
             ))));
+        }
+        if req.type_url == InboundPolicy::TYPE_URL {
+            self.may_read_policies(&req.resource_names_subscribe, snapshot)?;
         }
         let first = !self.types.contains_key(&req.type_url);
         let ts = self.types.entry(req.type_url.clone()).or_default();
@@ -442,7 +507,30 @@ impl ProxyStream {
         if changed {
             // The first request of a type is always answered, even with nothing, so the
             // proxy knows it is in sync.
-            self.push(&req.type_url, types, first).await?;
+            self.push(&req.type_url, snapshot, first).await?;
+        }
+        Ok(())
+    }
+
+    /// Refuses a subscription to InboundPolicy names this proxy may not read: every
+    /// policy (`*`), or one of a workload running as another identity.
+    fn may_read_policies(&self, names: &[String], snapshot: &Snapshot) -> Result<(), End> {
+        for name in names {
+            if name == WILDCARD {
+                return Err(End::Refused(Status::permission_denied(
+                    "a proxy reads only its own workload's inbound policy: subscribe to <workload>.<namespace>, \
+                     not `*`",
+                )));
+            }
+            if let Some(owner) = snapshot.inbound_owner(name)
+                && owner != self.identity
+            {
+                return Err(End::Refused(Status::permission_denied(format!(
+                    "inbound policy {name} belongs to a workload running as {owner}; this proxy is {} and reads \
+                     only its own workload's policy",
+                    self.identity
+                ))));
+            }
         }
         Ok(())
     }
@@ -450,28 +538,31 @@ impl ProxyStream {
     async fn push_all(&mut self, snapshot: &Snapshot) -> Result<(), End> {
         let type_urls: Vec<String> = self.types.keys().cloned().collect();
         for type_url in type_urls {
-            if let Some(types) = snapshot.get(&type_url) {
-                self.push(&type_url, types, false).await?;
-            }
+            self.push(&type_url, snapshot, false).await?;
         }
         Ok(())
     }
 
     /// Sends what the proxy lacks of one type: changed resources and removed names.
-    async fn push(&mut self, type_url: &str, snap: &TypeSnapshot, always: bool) -> Result<(), End> {
-        let Some(ts) = self.types.get_mut(type_url) else {
+    async fn push(&mut self, type_url: &str, snapshot: &Snapshot, always: bool) -> Result<(), End> {
+        let (Some(ts), Some(snap)) = (self.types.get_mut(type_url), snapshot.get(type_url)) else {
             return Ok(());
         };
+        // A policy is served only to proxies running as its workload's identity; one
+        // whose workload changed service account is withdrawn like a deleted one.
+        let policies = type_url == InboundPolicy::TYPE_URL;
+        let identity = self.identity.as_str();
+        let visible = |name: &str| ts.subscribed(name) && (!policies || snapshot.inbound_owner(name) == Some(identity));
         let resources: Vec<_> = snap
             .resources
             .iter()
-            .filter(|(name, r)| ts.subscribed(name) && ts.held.get(*name) != Some(&r.version))
+            .filter(|(name, r)| visible(name) && ts.held.get(*name) != Some(&r.version))
             .map(|(_, r)| r.as_ref().clone())
             .collect();
         let removed: Vec<String> = ts
             .held
             .keys()
-            .filter(|name| !snap.resources.contains_key(*name) || !ts.subscribed(name))
+            .filter(|name| !snap.resources.contains_key(*name) || !visible(name))
             .cloned()
             .collect();
         if resources.is_empty() && removed.is_empty() && !always {

@@ -126,17 +126,8 @@ impl IdentityService {
     /// Refuses to renew an identity no configured workload runs as any more (a deleted
     /// workload, a changed service account): its certificate lapses instead.
     fn still_configured(&self, id: &SpiffeId) -> Result<(), Status> {
-        let snapshot = self.snapshots.borrow().clone();
         let wanted = id.to_string();
-        let configured = snapshot.get(InboundPolicy::TYPE_URL).is_some_and(|t| {
-            t.resources.values().any(|r| {
-                r.resource
-                    .as_ref()
-                    .and_then(|any| InboundPolicy::from_any(any).ok())
-                    .is_some_and(|p| p.identity == wanted)
-            })
-        });
-        if configured {
+        if self.snapshots.borrow().runs_as(&wanted) {
             Ok(())
         } else {
             Err(Status::permission_denied(format!(

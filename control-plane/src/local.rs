@@ -62,6 +62,10 @@ pub struct ServicePort {
     /// The protocol; default `detect`.
     #[serde(default)]
     pub app_protocol: AppProtocol,
+    /// mTLS on this port, overriding the mesh's `MeshConfig.spec.mtls` (after Istio's
+    /// `portLevelMtls`): e.g. `{mode: permissive}` while this port's clients migrate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<crate::policy::Mtls>,
 }
 
 /// A target port, by number or by the name of a workload port.
@@ -125,6 +129,10 @@ pub struct WorkloadPort {
     /// The protocol; default `detect`.
     #[serde(default)]
     pub app_protocol: AppProtocol,
+    /// mTLS on this port, overriding the mesh's `MeshConfig.spec.mtls` (after Istio's
+    /// `portLevelMtls`): e.g. `{mode: permissive}` while this port's clients migrate.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtls: Option<crate::policy::Mtls>,
 }
 
 fn default_service_account() -> String {

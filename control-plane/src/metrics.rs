@@ -30,6 +30,10 @@ pub const CERTIFICATES_ISSUED: &str = "wary_control_plane_certificate_requests_t
 /// handshakes refused on the control plane's port.
 pub const TLS_HANDSHAKE_FAILURES: &str = "wary_control_plane_tls_handshake_failures_total";
 
+/// Counter, by `reason` (`unauthenticated`, `permission_denied`, `invalid_argument`,
+/// `resource_exhausted`, `unavailable`): discovery streams the control plane ended.
+pub const STREAMS_REFUSED: &str = "wary_control_plane_discovery_streams_refused_total";
+
 /// Summary, by `type`: from sending a discovery response to the proxy's ACK of it,
 /// seconds (the push's round trip, the proxy's validation included).
 pub const PUSH_SECONDS: &str = "wary_control_plane_push_seconds";
@@ -73,6 +77,11 @@ pub fn describe() {
         TLS_HANDSHAKE_FAILURES,
         Unit::Count,
         "TLS handshakes refused on the control plane's port, by reason."
+    );
+    describe_counter!(
+        STREAMS_REFUSED,
+        Unit::Count,
+        "Discovery streams refused or ended by the control plane, by reason (unauthenticated, permission_denied, ...)."
     );
     describe_counter!(
         CERTIFICATES_ISSUED,

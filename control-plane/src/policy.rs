@@ -613,7 +613,10 @@ pub struct MeshConfigSpec {
 #[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Mtls {
-    /// `strict` (default) or `permissive`.
+    /// `strict` (default): mesh mTLS only. `permissive`: plaintext is served too, for
+    /// clients not yet in the mesh, as an unauthenticated client (no `wary-client-id`;
+    /// policies naming identities do not match it; `defaultInboundPolicy: deny` still
+    /// refuses it), and counted in `wary_proxy_inbound_plaintext_connections_total`.
     #[serde(default)]
     pub mode: MtlsMode,
 }

@@ -168,10 +168,7 @@ pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<Co
                 workload: w.name.clone(),
                 namespace: w.namespace.clone(),
                 identity,
-                mtls_mode: match mesh.mtls.as_ref().map(|m| m.mode).unwrap_or_default() {
-                    policy::MtlsMode::Strict => pb::MtlsMode::Strict,
-                    policy::MtlsMode::Permissive => pb::MtlsMode::Permissive,
-                } as i32,
+                mtls_mode: mtls_mode(mesh.mtls.as_ref().map(|m| m.mode).unwrap_or_default()) as i32,
                 default_policy: match mesh.default_inbound_policy {
                     policy::DefaultInboundPolicy::AllAuthenticated => pb::DefaultInboundPolicy::AllAuthenticated,
                     policy::DefaultInboundPolicy::Deny => pb::DefaultInboundPolicy::Deny,
@@ -183,7 +180,7 @@ pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<Co
                     .map(|p| pb::InboundPort {
                         port: u32::from(p.port),
                         protocol: protocol(p.app_protocol) as i32,
-                        mtls_mode: None,
+                        mtls_mode: p.mtls.as_ref().map(|m| mtls_mode(m.mode) as i32),
                     })
                     .collect(),
                 authorizations,
@@ -191,6 +188,13 @@ pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<Co
         );
     }
     Ok((out.build(), warnings))
+}
+
+fn mtls_mode(mode: policy::MtlsMode) -> pb::MtlsMode {
+    match mode {
+        policy::MtlsMode::Strict => pb::MtlsMode::Strict,
+        policy::MtlsMode::Permissive => pb::MtlsMode::Permissive,
+    }
 }
 
 /// Policies that apply to nothing: a typo in a target silently leaves the default in

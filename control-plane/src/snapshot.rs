@@ -26,6 +26,10 @@ pub struct TypeSnapshot {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Snapshot {
     types: BTreeMap<&'static str, TypeSnapshot>,
+    /// Who may read each InboundPolicy: its name (`<workload>.<namespace>`) → the SPIFFE
+    /// ID the workload runs as. Discovery serves a policy only to a proxy presenting
+    /// that identity.
+    owners: BTreeMap<String, String>,
     /// Mesh-wide settings (from `MeshConfig`).
     pub mesh: MeshSettings,
 }
@@ -61,6 +65,16 @@ impl Snapshot {
     /// The resources of one type; `None` for a type URL the control plane does not serve.
     pub fn get(&self, type_url: &str) -> Option<&TypeSnapshot> {
         self.types.get(type_url)
+    }
+
+    /// The SPIFFE ID the workload of InboundPolicy `name` runs as, if it exists.
+    pub fn inbound_owner(&self, name: &str) -> Option<&str> {
+        self.owners.get(name).map(String::as_str)
+    }
+
+    /// Whether some configured workload runs as `identity` (a SPIFFE ID).
+    pub fn runs_as(&self, identity: &str) -> bool {
+        self.owners.values().any(|o| o == identity)
     }
 
     /// The type-level versions, for logs: `service=ab12… endpoints=…`.
@@ -105,6 +119,13 @@ impl SnapshotBuilder {
 
     /// Hashes every resource and the per-type state.
     pub fn build(mut self) -> Snapshot {
+        let owners = self
+            .types
+            .get(InboundPolicy::TYPE_URL)
+            .into_iter()
+            .flatten()
+            .filter_map(|(name, any)| Some((name.clone(), InboundPolicy::from_any(any).ok()?.identity)))
+            .collect();
         let types = TYPE_URLS
             .iter()
             .map(|type_url| {
@@ -131,7 +152,11 @@ impl SnapshotBuilder {
                 (*type_url, TypeSnapshot { version, resources })
             })
             .collect();
-        Snapshot { types, mesh: self.mesh }
+        Snapshot {
+            types,
+            owners,
+            mesh: self.mesh,
+        }
     }
 }
 

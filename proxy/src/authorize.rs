@@ -30,6 +30,11 @@ pub struct Request<'a> {
     pub http: Option<(&'a str, &'a str)>,
     /// The app port.
     pub port: u16,
+    /// Whether the request came in plaintext on a permissive port: the default
+    /// `all-authenticated` then lets it in, as an unauthenticated client (that is what
+    /// permissive means); policies naming identities still do not match it, and the
+    /// default `deny` still refuses it (after Istio's PERMISSIVE PeerAuthentication).
+    pub permissive: bool,
 }
 
 /// The verdict and what decided it.
@@ -96,7 +101,7 @@ pub fn authorize(policy: &InboundPolicy, req: &Request<'_>) -> Decision {
     }
     match DefaultInboundPolicy::try_from(policy.default_policy) {
         Ok(DefaultInboundPolicy::AllUnauthenticated) => Decision::Allow(None),
-        Ok(DefaultInboundPolicy::AllAuthenticated) if req.client.is_some() => Decision::Allow(None),
+        Ok(DefaultInboundPolicy::AllAuthenticated) if req.client.is_some() || req.permissive => Decision::Allow(None),
         Ok(DefaultInboundPolicy::AllAuthenticated) => Decision::Deny(DeniedBy::Default("all-authenticated")),
         _ => Decision::Deny(DeniedBy::Default("deny")),
     }
@@ -193,6 +198,7 @@ mod tests {
             client,
             http: Some(("GET", path)),
             port: 8080,
+            permissive: false,
         }
     }
 
@@ -235,7 +241,18 @@ mod tests {
             authorize(&open, &req(None, "/")),
             Decision::Deny(DeniedBy::Default("all-authenticated"))
         );
+        // Plaintext on a permissive port passes all-authenticated, and nothing else.
+        let plaintext = Request {
+            permissive: true,
+            ..req(None, "/")
+        };
+        assert_eq!(authorize(&open, &plaintext), Decision::Allow(None));
+        assert_eq!(authorize(&p, &plaintext), Decision::Deny(DeniedBy::NoAllowMatched));
         let closed = policy(vec![], DefaultInboundPolicy::Deny);
+        assert_eq!(
+            authorize(&closed, &plaintext),
+            Decision::Deny(DeniedBy::Default("deny"))
+        );
         assert_eq!(
             authorize(&closed, &req(Some(&web), "/")),
             Decision::Deny(DeniedBy::Default("deny"))
@@ -251,6 +268,7 @@ mod tests {
             client: Some(&web),
             http: None,
             port: 8080,
+            permissive: false,
         };
         let by_path = policy(
             vec![authz("api.default", Action::Allow, &["*"], &["/api/*"])],

@@ -9,6 +9,13 @@
 //!
 //! A failed handshake (plaintext, another CA, an expired certificate...) is logged and
 //! counted by reason, and the connection closed.
+//!
+//! In `permissive` mTLS mode (the workload's, or one port's), a connection whose first
+//! byte is not a TLS handshake record is served as plaintext, for clients not yet in the
+//! mesh: its app port is the one it was redirected from (`SO_ORIGINAL_DST`), or in
+//! explicit mode the workload's first declared port; its requests carry no
+//! `wary-client-id` and are authorized as an unauthenticated client; it is counted in
+//! `wary_proxy_inbound_plaintext_connections_total`.
 
 use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
@@ -28,8 +35,10 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use wary_certs::SpiffeId;
 use wary_certs::tls::{HandshakeFailure, peer_identity};
+use wary_proto::discovery::MtlsMode;
 
 use crate::authorize;
+use crate::detect;
 use crate::drain::Drain;
 use crate::http::{self as h, Body, error_response};
 use crate::metrics as m;
@@ -42,16 +51,53 @@ pub const MAX_HANDSHAKES: usize = 1024;
 /// The longest a peer may take to complete its TLS handshake: 10 s.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// A verified peer of one connection.
+/// How long a connection on a permissive port may stay silent before it is taken for a
+/// plaintext client whose server speaks first: 1 s (a TLS client sends its ClientHello
+/// at once).
+pub const PLAINTEXT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The first byte of a TLS handshake record (RFC 8446 §5.1, ContentType handshake).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
+/// The peer of one connection.
 struct Peer {
-    /// Its SPIFFE ID.
-    id: SpiffeId,
+    /// Its verified SPIFFE ID; `None` for a plaintext client (permissive mode).
+    id: Option<SpiffeId>,
     /// The same, as the `wary-client-id` value for the app.
-    header: HeaderValue,
+    header: Option<HeaderValue>,
     /// `wary_proxy_responses_total` for this caller, by status class 1xx to 5xx.
     responses: [metrics::Counter; 5],
     /// `wary_proxy_response_latency_seconds` for this caller.
     latency: metrics::Histogram,
+}
+
+impl Peer {
+    /// The peer `id` (`None`: unauthenticated) of workload `policy`, with its metrics.
+    fn new(policy: &str, id: Option<SpiffeId>) -> Option<Self> {
+        let header = match &id {
+            Some(id) => Some(HeaderValue::from_str(&id.to_string()).ok()?),
+            None => None,
+        };
+        // Labels are bounded: callers are mesh identities, issued by the CA.
+        let client = id
+            .as_ref()
+            .map_or_else(|| "unauthenticated".to_string(), ToString::to_string);
+        let labels = [
+            ("direction", "inbound".to_string()),
+            ("service", policy.to_string()),
+            ("client", client),
+        ];
+        Some(Self {
+            id,
+            header,
+            responses: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|code| {
+                let mut labels = labels.to_vec();
+                labels.push(("code", code.to_string()));
+                metrics::counter!(m::RESPONSES, &labels)
+            }),
+            latency: metrics::histogram!(m::RESPONSE_LATENCY, &labels),
+        })
+    }
 }
 
 /// The inbound proxy.
@@ -118,7 +164,8 @@ impl Inbound {
         None
     }
 
-    /// Serves mTLS connections on `listener` with `tls` until the process ends.
+    /// Serves mTLS connections on `listener` with `tls` until the process ends (and
+    /// plaintext ones on permissive ports).
     pub async fn serve(self: Arc<Self>, listener: TcpListener, tls: Arc<rustls::ServerConfig>) {
         let acceptor = TlsAcceptor::from(tls);
         let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
@@ -141,6 +188,11 @@ impl Inbound {
             };
             let (acceptor, inbound) = (acceptor.clone(), self.clone());
             tokio::spawn(async move {
+                // Strict everywhere (the default): no peeking, TLS or nothing.
+                if inbound.any_permissive() && !starts_with_tls(&tcp).await {
+                    drop(permit);
+                    return inbound.serve_plaintext(tcp, peer).await;
+                }
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
                 drop(permit);
                 let tls = match handshake {
@@ -176,44 +228,12 @@ impl Inbound {
                     }
                 };
                 metrics::counter!(m::TLS_HANDSHAKES, "direction" => "inbound").increment(1);
-                // The app's header is formatted once per connection, not per request.
-                let Ok(header) = HeaderValue::from_str(&client.to_string()) else {
+                // The app's header and the metrics are made once per connection.
+                let Some(client) = Peer::new(&inbound.policy, Some(client)) else {
                     return;
                 };
-                // Labels are bounded: callers are mesh identities, issued by the CA.
-                let labels = [
-                    ("direction", "inbound".to_string()),
-                    ("service", inbound.policy.clone()),
-                    ("client", client.to_string()),
-                ];
-                let client = Arc::new(Peer {
-                    id: client,
-                    header,
-                    responses: ["1xx", "2xx", "3xx", "4xx", "5xx"].map(|code| {
-                        let mut labels = labels.to_vec();
-                        labels.push(("code", code.to_string()));
-                        metrics::counter!(m::RESPONSES, &labels)
-                    }),
-                    latency: metrics::histogram!(m::RESPONSE_LATENCY, &labels),
-                });
-                let service = service_fn(move |req| {
-                    let (inbound, client) = (inbound.clone(), client.clone());
-                    async move {
-                        let active = inbound.drain.track();
-                        let started = tokio::time::Instant::now();
-                        let response = inbound.handle(req, &client).await;
-                        let class = usize::from(response.status().as_u16() / 100).clamp(1, 5) - 1;
-                        client.responses[class].increment(1);
-                        client.latency.record(started.elapsed().as_secs_f64());
-                        Ok::<_, Infallible>(response.map(|body| {
-                            body.map_frame(move |frame| {
-                                let _active = &active;
-                                frame
-                            })
-                            .boxed()
-                        }))
-                    }
-                });
+                let client = Arc::new(client);
+                let service = service_fn(move |req| inbound.clone().serve_request(req, client.clone(), None));
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .max_header_list_size(h::MAX_HEADER_LIST_SIZE)
                     // A peer whose machine vanished (no FIN) is noticed in 15 s, and its
@@ -227,8 +247,121 @@ impl Inbound {
         }
     }
 
+    /// One request, counted in the caller's metrics and as open work for the drain.
+    /// `plaintext`: the app port of a plaintext connection, whose requests carry no
+    /// mesh headers of their own.
+    async fn serve_request(
+        self: Arc<Self>,
+        mut req: Request<Incoming>,
+        client: Arc<Peer>,
+        plaintext: Option<u16>,
+    ) -> Result<Response<Body>, Infallible> {
+        let active = self.drain.track();
+        let started = tokio::time::Instant::now();
+        let response = match plaintext {
+            Some(port) => match as_mesh_request(&mut req, port) {
+                None => self.handle(req, &client).await,
+                Some(refused) => refused,
+            },
+            None => self.handle(req, &client).await,
+        };
+        let class = usize::from(response.status().as_u16() / 100).clamp(1, 5) - 1;
+        client.responses[class].increment(1);
+        client.latency.record(started.elapsed().as_secs_f64());
+        Ok(response.map(|body| {
+            body.map_frame(move |frame| {
+                let _active = &active;
+                frame
+            })
+            .boxed()
+        }))
+    }
+
+    /// Whether the workload, or any of its ports, accepts plaintext.
+    fn any_permissive(&self) -> bool {
+        let state = self.cache.load();
+        state.inbound.items.get(&self.policy).is_some_and(|p| {
+            p.mtls_mode == MtlsMode::Permissive as i32
+                || p.ports
+                    .iter()
+                    .any(|port| port.mtls_mode == Some(MtlsMode::Permissive as i32))
+        })
+    }
+
+    /// The app port a plaintext connection is for, and whether that port accepts
+    /// plaintext: the port it was redirected from, else the first declared one.
+    fn plaintext_port(&self, tcp: &TcpStream) -> Option<(u16, bool)> {
+        let state = self.cache.load();
+        let policy = state.inbound.items.get(&self.policy)?;
+        let port = match detect::original_dst(tcp) {
+            Some(dst) => u32::from(dst.port()),
+            None => policy.ports.first()?.port,
+        };
+        let mode = policy
+            .ports
+            .iter()
+            .find(|p| p.port == port)
+            .and_then(|p| p.mtls_mode)
+            .unwrap_or(policy.mtls_mode);
+        Some((u16::try_from(port).ok()?, mode == MtlsMode::Permissive as i32))
+    }
+
+    /// A plaintext connection (permissive mode): HTTP is served request by request
+    /// like a peer's, anything else is joined to the app port as bytes, after the same
+    /// authorization as an opaque stream.
+    async fn serve_plaintext(self: Arc<Self>, mut tcp: TcpStream, peer: SocketAddr) {
+        let Some((port, true)) = self.plaintext_port(&tcp) else {
+            metrics::counter!(m::INBOUND_PLAINTEXT, "decision" => "refused").increment(1);
+            tracing::info!(%peer, "refused a plaintext connection: mTLS is strict on its port");
+            return;
+        };
+        metrics::counter!(m::INBOUND_PLAINTEXT, "decision" => "served").increment(1);
+        tracing::debug!(%peer, port, "serving a plaintext connection (permissive mode)");
+        let Some(client) = Peer::new(&self.policy, None) else {
+            return;
+        };
+        let mut prefix = bytes::BytesMut::new();
+        let protocol = detect::detect(&mut tcp, &mut prefix, PLAINTEXT_DETECT_TIMEOUT).await;
+        let io = detect::Prefixed::new(prefix.freeze(), tcp);
+        if protocol == detect::Protocol::Opaque {
+            return self.splice_plaintext(io, port, peer).await;
+        }
+        let client = Arc::new(client);
+        let inbound = self.clone();
+        let service = service_fn(move |req| inbound.clone().serve_request(req, client.clone(), Some(port)));
+        let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // As the outbound listener: half-close is not cancellation, and a client gets
+        // 30 s to send its request head.
+        builder.http1().half_close(true).timer(TokioTimer::new());
+        builder.http2().max_header_list_size(h::MAX_HEADER_LIST_SIZE);
+        let _ = builder.serve_connection(TokioIo::new(io), service).await;
+    }
+
+    /// A plaintext opaque stream, authorized as one with no client identity, joined to
+    /// the app port.
+    async fn splice_plaintext(&self, mut io: detect::Prefixed<TcpStream>, port: u16, peer: SocketAddr) {
+        if self.refuse_port(port).is_some() {
+            return;
+        }
+        if self
+            .authorize(None, None, None, port, &http::HeaderMap::new())
+            .is_some()
+        {
+            tracing::info!(%peer, port, "closed a plaintext TCP stream: denied");
+            return;
+        }
+        let app = SocketAddr::new(self.app_ip, port);
+        let Ok(Ok(mut upstream)) = tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(app)).await else {
+            tracing::info!(%peer, %app, "closed a plaintext TCP stream: the app did not accept");
+            return;
+        };
+        let _ = upstream.set_nodelay(true);
+        let _active = self.drain.track();
+        let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
+    }
+
     async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
-        let client = &peer.id;
+        let client = peer.id.as_ref();
         let port = req
             .headers()
             .get(h::DST_PORT)
@@ -327,7 +460,7 @@ impl Inbound {
     /// `None` to go on, or the refusal to send.
     fn authorize(
         &self,
-        client: &SpiffeId,
+        client: Option<&SpiffeId>,
         method: Option<&str>,
         path: Option<&str>,
         port: u16,
@@ -336,9 +469,10 @@ impl Inbound {
         let state = self.cache.load();
         let policy = state.inbound.items.get(&self.policy)?;
         let request = authorize::Request {
-            client: Some(client),
+            client,
             http: method.zip(path),
             port,
+            permissive: client.is_none(),
         };
         let decision = authorize::authorize(policy, &request);
         let (verdict, label) = match &decision {
@@ -353,7 +487,13 @@ impl Inbound {
             Some((method, path)) => format!("{method} {path}"),
             None => "open a TCP stream".to_string(),
         };
-        let message = format!("{client} may not {what} on {} port {port}: denied by {by}", self.policy);
+        let message = match client {
+            Some(client) => format!("{client} may not {what} on {} port {port}: denied by {by}", self.policy),
+            None => format!(
+                "an unauthenticated (plaintext) client may not {what} on {} port {port}: denied by {by}",
+                self.policy
+            ),
+        };
         tracing::debug!(%message, "denied");
         let grpc = headers
             .get(http::header::CONTENT_TYPE)
@@ -370,7 +510,9 @@ impl Inbound {
         let (mut parts, body) = req.into_parts();
         h::strip_hop_by_hop(&mut parts.headers);
         h::strip_mesh_headers(&mut parts.headers);
-        parts.headers.insert(h::CLIENT_ID, peer.header.clone());
+        if let Some(id) = &peer.header {
+            parts.headers.insert(h::CLIENT_ID, id.clone());
+        }
         if http2 {
             // The app sees the :authority the client used; the connection goes to the
             // app's port whatever it names.
@@ -468,7 +610,9 @@ impl Inbound {
         };
         h::strip_hop_by_hop(&mut headers);
         h::strip_mesh_headers(&mut headers);
-        headers.insert(h::CLIENT_ID, peer.header.clone());
+        if let Some(id) = &peer.header {
+            headers.insert(h::CLIENT_ID, id.clone());
+        }
         if let Some(authority) = parts.uri.authority()
             && let Ok(host) = HeaderValue::from_str(authority.as_str())
         {
@@ -632,4 +776,37 @@ fn app_unavailable(app: SocketAddr, e: &hyper_util::client::legacy::Error) -> Re
         "app-unavailable",
         format!("the app at {app} did not answer: {}", crate::control::causes(e)),
     )
+}
+
+/// Whether a connection's first byte opens a TLS handshake. A client silent for
+/// [`PLAINTEXT_DETECT_TIMEOUT`] is not TLS (a TLS client speaks first).
+async fn starts_with_tls(tcp: &TcpStream) -> bool {
+    let mut first = [0u8; 1];
+    matches!(
+        tokio::time::timeout(PLAINTEXT_DETECT_TIMEOUT, tcp.peek(&mut first)).await,
+        Ok(Ok(1)) if first[0] == TLS_HANDSHAKE_RECORD
+    )
+}
+
+/// Makes a plaintext request look like a peer's for [`Inbound::handle`]: mesh headers
+/// the client set are dropped (it cannot name an identity, a port or a protocol), the
+/// app port is the connection's, and HTTP/2 is marked as such. HTTP/1.1 upgrades
+/// (WebSocket) are refused: in permissive mode they are carried only over mTLS.
+/// Returns the refusal to send, if any.
+fn as_mesh_request(req: &mut Request<Incoming>, port: u16) -> Option<Response<Body>> {
+    if req.headers().contains_key(http::header::UPGRADE) || req.method() == Method::CONNECT {
+        return Some(error_response(
+            StatusCode::NOT_IMPLEMENTED,
+            "plaintext-upgrade",
+            "a plaintext client cannot upgrade or CONNECT here: call through the mesh (mTLS) for WebSocket and \
+             tunnels"
+                .into(),
+        ));
+    }
+    h::strip_mesh_headers(req.headers_mut());
+    req.headers_mut().insert(h::DST_PORT, HeaderValue::from(port));
+    if req.version() == Version::HTTP_2 {
+        req.headers_mut().insert(h::ORIG_PROTO, HeaderValue::from_static("h2"));
+    }
+    None
 }

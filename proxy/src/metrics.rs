@@ -77,6 +77,11 @@ pub const TCP_BYTES: &str = "wary_proxy_tcp_bytes_total";
 /// authorized.
 pub const AUTHORIZATIONS: &str = "wary_proxy_inbound_authorizations_total";
 
+/// Counter, by `decision` (`served`, `refused`): plaintext connections on the inbound
+/// listener where some port is `permissive` (elsewhere plaintext fails the TLS
+/// handshake, counted in `wary_proxy_tls_handshake_failures_total{reason="not_tls"}`).
+pub const INBOUND_PLAINTEXT: &str = "wary_proxy_inbound_plaintext_connections_total";
+
 /// Registers the help text and unit of every metric (Prometheus `# HELP` lines).
 pub fn describe() {
     use metrics::describe_histogram;
@@ -179,6 +184,11 @@ pub fn describe() {
         "Opaque streams carried (CONNECT, transparent TCP, upgrades)."
     );
     describe_counter!(TCP_BYTES, Unit::Bytes, "Bytes carried in opaque streams, by flow.");
+    describe_counter!(
+        INBOUND_PLAINTEXT,
+        Unit::Count,
+        "Plaintext inbound connections in permissive mTLS mode, by decision (served, refused)."
+    );
     describe_counter!(
         AUTHORIZATIONS,
         Unit::Count,

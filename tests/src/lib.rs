@@ -211,6 +211,28 @@ impl ControlPlane {
         Credentials::new(TrustBundle::from_pem(&pem).expect("a trust bundle")).expect("credentials")
     }
 
+    /// Credentials holding a mesh certificate for service account `sa` in `default`,
+    /// signed directly with this control plane's CA (as the Identity service would for a
+    /// workload running as `sa`).
+    pub fn mesh_credentials(&self, sa: &str) -> Arc<Credentials> {
+        let read = |f: &str| std::fs::read_to_string(self.ca_dir.join(f)).expect("read the CA");
+        let issuer_pem = read("issuer.pem");
+        let ca = wary_certs::ca::MeshCa::from_pem(&issuer_pem, &read("issuer-key.pem")).expect("the CA");
+        let id: wary_certs::SpiffeId = format!("spiffe://cluster.local/ns/default/sa/{sa}").parse().unwrap();
+        let key = wary_certs::credentials::WorkloadKey::generate().unwrap();
+        let leaf = ca
+            .sign(&key.csr(&id).unwrap(), &id, Duration::from_secs(3600))
+            .expect("sign");
+        let chain = std::iter::once(leaf)
+            .chain(wary_certs::certificates_from_pem(&issuer_pem).expect("issuer certificate"))
+            .collect();
+        let creds = self.bootstrap_credentials();
+        creds
+            .set_certificate(chain, &key, Some(&id))
+            .expect("a mesh certificate");
+        creds
+    }
+
     /// A gRPC channel over TLS with `creds` (no client certificate unless they hold one).
     pub async fn channel(&self, creds: &Arc<Credentials>) -> tonic::transport::Channel {
         self.control_plane()
@@ -505,8 +527,9 @@ impl Drop for Client {
 }
 
 impl Client {
-    /// Connects as proxy `id` with the default checks, over TLS without a client
-    /// certificate (a discovery-only client).
+    /// Connects as proxy `id` with the default checks, presenting a mesh certificate
+    /// for `sa/discovery-test` (so it reads every Service and Endpoints, and no
+    /// workload's inbound policy).
     pub fn connect(cp: &ControlPlane, id: &str) -> Self {
         Self::connect_with(cp, id, None)
     }
@@ -517,7 +540,7 @@ impl Client {
             id: id.to_string(),
             ..Default::default()
         };
-        let mut config = DiscoveryConfig::new(cp.control_plane(), cp.bootstrap_credentials(), node);
+        let mut config = DiscoveryConfig::new(cp.control_plane(), cp.mesh_credentials("discovery-test"), node);
         config.extra_check = extra_check;
         let cache = Arc::new(Cache::default());
         let task = tokio::spawn(wary_proxy::discovery::run(config, cache.clone()));

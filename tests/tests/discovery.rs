@@ -346,7 +346,7 @@ async fn raw_stream(
     cp: &ControlPlane,
     held: std::collections::BTreeMap<String, String>,
 ) -> (mpsc::Sender<DiscoveryRequest>, tonic::Streaming<DiscoveryResponse>) {
-    let mut grpc = DiscoveryClient::new(cp.channel(&cp.bootstrap_credentials()).await);
+    let mut grpc = DiscoveryClient::new(cp.channel(&cp.mesh_credentials("discovery-test")).await);
     let (tx, rx) = mpsc::channel(4);
     tx.send(DiscoveryRequest {
         node: Some(Node {
@@ -432,7 +432,7 @@ async fn changing_one_of_a_hundred_services_sends_one_resource() {
 async fn a_stream_without_a_node_id_is_refused_with_a_reason() {
     let mesh = MeshDir::new();
     let cp = ControlPlane::start(&mesh).await;
-    let mut grpc = DiscoveryClient::new(cp.channel(&cp.bootstrap_credentials()).await);
+    let mut grpc = DiscoveryClient::new(cp.channel(&cp.mesh_credentials("discovery-test")).await);
     let (tx, rx) = mpsc::channel(1);
     tx.send(DiscoveryRequest {
         type_url: Service::TYPE_URL.into(),
@@ -459,7 +459,7 @@ async fn the_protocol_handles_stale_nacks_late_names_and_unsubscribe() {
     let mesh = MeshDir::new();
     mesh.write("orders.yaml", &service("orders", 80));
     let cp = ControlPlane::start(&mesh).await;
-    let mut grpc = DiscoveryClient::new(cp.channel(&cp.bootstrap_credentials()).await);
+    let mut grpc = DiscoveryClient::new(cp.channel(&cp.mesh_credentials("discovery-test")).await);
     let (tx, rx) = mpsc::channel(8);
     // Subscribe by name to a service that does not exist yet.
     send(
@@ -553,7 +553,7 @@ async fn the_protocol_handles_stale_nacks_late_names_and_unsubscribe() {
 async fn an_unknown_type_is_refused_with_the_known_ones() {
     let mesh = MeshDir::new();
     let cp = ControlPlane::start(&mesh).await;
-    let mut grpc = DiscoveryClient::new(cp.channel(&cp.bootstrap_credentials()).await);
+    let mut grpc = DiscoveryClient::new(cp.channel(&cp.mesh_credentials("discovery-test")).await);
     let (tx, rx) = mpsc::channel(1);
     send(
         &tx,
@@ -575,4 +575,89 @@ async fn an_unknown_type_is_refused_with_the_known_ones() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("wary.discovery.v1.Service"), "{status}");
+}
+
+/// The first response (or the refusal) on a stream opened with `creds` and `first`.
+async fn open_with(
+    cp: &ControlPlane,
+    creds: &Arc<wary_certs::credentials::Credentials>,
+    first: DiscoveryRequest,
+) -> Result<DiscoveryResponse, tonic::Status> {
+    let mut grpc = DiscoveryClient::new(cp.channel(creds).await);
+    let (tx, rx) = mpsc::channel(1);
+    send(&tx, first).await;
+    let mut responses = grpc.stream(ReceiverStream::new(rx)).await?.into_inner();
+    let first = tokio::time::timeout(DEADLINE, responses.message())
+        .await
+        .expect("an answer in time")?;
+    drop(tx);
+    Ok(first.expect("stream open"))
+}
+
+fn policies(names: &[&str], namespace: &str) -> DiscoveryRequest {
+    DiscoveryRequest {
+        node: Some(Node {
+            id: "auth-test".into(),
+            namespace: namespace.into(),
+            ..Default::default()
+        }),
+        type_url: wary_proto::discovery::InboundPolicy::TYPE_URL.into(),
+        resource_names_subscribe: names.iter().map(|n| n.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn discovery_needs_the_mesh_certificate_and_serves_only_ones_own_policy() {
+    let mesh = MeshDir::new();
+    mesh.write("web.yaml", &workload("web-1", "web", "127.0.2.31", 8080));
+    mesh.write("backend.yaml", &workload("backend-1", "backend", "127.0.2.32", 8080));
+    let cp = ControlPlane::start(&mesh).await;
+
+    // TLS that verifies the control plane, but no client certificate.
+    let refused = open_with(&cp, &cp.bootstrap_credentials(), policies(&["web-1.default"], ""))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused}");
+    assert!(
+        refused.message().contains("discovery requires the mesh certificate"),
+        "{refused}"
+    );
+
+    // web's certificate reads web's policy...
+    let web = cp.mesh_credentials("web");
+    let own = open_with(&cp, &web, policies(&["web-1.default"], "")).await.unwrap();
+    let names: Vec<_> = own.resources.iter().map(|r| r.name.as_str()).collect();
+    assert_eq!(names, ["web-1.default"]);
+
+    // ...and not backend's, by name or by wildcard.
+    for names in [
+        &["backend-1.default"][..],
+        &["web-1.default", "backend-1.default"],
+        &["*"],
+    ] {
+        let denied = open_with(&cp, &web, policies(names, "")).await.unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{names:?}: {denied}");
+        assert!(denied.message().contains("reads only its own workload's"), "{denied}");
+    }
+    // A policy that does not exist yet may be subscribed to, but arrives only for the
+    // identity its workload runs as.
+    let pending = open_with(&cp, &web, policies(&["late-1.default"], "")).await.unwrap();
+    assert!(pending.resources.is_empty(), "{pending:?}");
+
+    // A node in another namespace than the certificate's.
+    let denied = open_with(&cp, &web, policies(&["web-1.default"], "payments"))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), tonic::Code::PermissionDenied, "{denied}");
+    assert!(
+        denied.message().contains("not the namespace of this proxy's identity"),
+        "{denied}"
+    );
+
+    let metrics = cp.admin_get("/metrics").await;
+    for reason in ["unauthenticated", "permission_denied"] {
+        let series = format!("wary_control_plane_discovery_streams_refused_total{{reason=\"{reason}\"}}");
+        assert!(metrics.contains(&series), "{series} in {metrics}");
+    }
 }
