@@ -667,3 +667,98 @@ async fn sigterm_fails_readiness_keeps_carrying_the_apps_traffic_and_exits_once_
         .await;
     let _ = (&m.mesh, &m.backend);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_denied_grpc_call_gets_permission_denied_and_a_denied_tcp_stream_is_closed() {
+    let net = "127.0.28";
+    let m = mesh(net).await;
+    let (_service, _server) = upstream::grpc(addr(&format!("{net}.2:{GRPC}"))).await;
+    let _db = upstream::speaks_first(addr(&format!("{net}.2:{DB}")), b"220 db ready\r\n").await;
+    let mut client = grpc_client(m.web.outbound).await;
+    assert!(client.unary(pb::Payload { data: vec![1; 5] }).await.is_ok());
+
+    m.mesh.write(
+        "deny.yaml",
+        "apiVersion: policy.wary.io/v1alpha1
+kind: AuthorizationPolicy
+metadata:
+  name: no-web
+spec:
+  targetRef: {kind: Service, name: backend}
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [\"spiffe://cluster.local/ns/default/sa/web\"]
+",
+    );
+    let status = wait_until("the DENY applies to gRPC", || {
+        let mut client = client.clone();
+        async move {
+            client
+                .unary(pb::Payload { data: vec![1; 5] })
+                .await
+                .err()
+                .filter(|s| s.code() == tonic::Code::PermissionDenied)
+        }
+    })
+    .await;
+    assert!(status.message().contains("denied by no-web.default"), "{status:?}");
+
+    // An opaque stream: the CONNECT is refused (the connection stays HTTP, RFC 9110
+    // §9.3.6) and the server never greets the client.
+    let mut tcp = TcpStream::connect(m.web.outbound).await.unwrap();
+    let target = format!("backend.default:{DB}");
+    tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let head = read_until(&mut tcp, b"\r\n\r\n").await;
+    assert!(head.starts_with("HTTP/1.1 403"), "{head}");
+    let body = read_until(&mut tcp, b"denied by no-web.default").await;
+    assert!(body.contains("web may not open a TCP stream"), "{body}");
+    assert!(!body.contains("220 db ready"), "{body}");
+    let _ = &m.backend;
+}
+
+#[tokio::test]
+async fn an_identity_header_from_a_peer_is_replaced_by_the_verified_one() {
+    use http_body_util::{BodyExt, Empty};
+    use wary_proxy::identity::{IdentityConfig, TokenSource, certify};
+
+    let net = "127.0.29";
+    let m = mesh(net).await;
+    let app = Upstream::start(addr(&format!("{net}.2:{HTTP}")), "backend-1").await;
+    // A peer holding web's real certificate claims to be admin in the mesh's own header.
+    let cp = &m._cp;
+    let creds = cp.bootstrap_credentials();
+    let token = cp.token("web-1").await;
+    certify(
+        &IdentityConfig::new(cp.control_plane(), TokenSource::Inline(token)),
+        &creds,
+        true,
+    )
+    .await
+    .unwrap();
+    let tls = tokio_rustls::TlsConnector::from(wary_certs::tls::client_config(&creds, &[wary_certs::tls::ALPN_H2]));
+    let backend_id =
+        wary_certs::tls::server_name(&"spiffe://cluster.local/ns/default/sa/backend".parse().unwrap()).unwrap();
+    let tcp = TcpStream::connect(m.backend.inbound).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tls.connect(backend_id, tcp).await.unwrap()),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(conn);
+    let req = http::Request::get(format!("http://backend.default:{HTTP}/hello"))
+        .header("wary-dst-port", HTTP.to_string())
+        .header("wary-client-id", "spiffe://cluster.local/ns/default/sa/admin")
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let response = sender.send_request(req).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let seen: Vec<_> = response.headers().get_all("x-seen-client-id").iter().cloned().collect();
+    assert_eq!(seen, ["spiffe://cluster.local/ns/default/sa/web"], "what the app saw");
+    let _ = response.into_body().collect().await.unwrap();
+    let _ = (&app, &m.web);
+}
