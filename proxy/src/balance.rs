@@ -6,6 +6,8 @@
 //!    RTT: sampled at the first response byte; a sample above the estimate replaces
 //!         it at once (peak), one below pulls it down with weight e^(−Δt/decay);
 //!         with no samples the estimate decays, so an idle endpoint is tried again
+//!    stale: a seed, or no response for one decay time ─▶ the next comparison that
+//!           draws it sends it one request (a probe), whose answer replaces the estimate
 //! ```
 //!
 //! Sources: Mitzenmacher, "The Power of Two Choices in Randomized Load Balancing"
@@ -13,6 +15,17 @@
 //! first endpoints start at the default RTT (30 ms); an endpoint that joins later starts
 //! at its peers' mean estimate, so it competes at once instead of waiting for a high
 //! seed to decay (tower#134). Every estimate is floored at 1 ms so none looks free.
+//!
+//! Stale probes are Wary's addition to tower's Peak-EWMA. Decay alone brings a 50 ms
+//! estimate down to its 1.5 ms peers only after about ln(50 / 1.5) ≈ 3.5 decay times
+//! (35 s at the default), so an endpoint that recovered would wait that long for its
+//! traffic. An estimate no response has refreshed for one decay time says little about
+//! the endpoint now: one request re-measures it. So a recovered endpoint wins its share
+//! back within about one decay time, and one that is still slow costs one slow request
+//! per decay time. A seed (the default RTT, or the peers' mean for a joining or
+//! readmitted endpoint) is a guess in the same way: the endpoint's first answer
+//! replaces it, so an endpoint is measured as soon as it is drawn, never starved by a
+//! guess.
 //!
 //! The balancer knows nothing of discovery: it is handed the ready endpoints of a
 //! request and keeps per-endpoint statistics by address, which survive updates.
@@ -73,8 +86,9 @@ impl Default for Settings {
 /// One endpoint's load statistics, and its metric handles (registered once, so the
 /// request path only bumps numbers).
 pub struct EndpointLoad {
-    /// The RTT estimate and when it was last touched.
-    ewma: Mutex<(f64, Instant)>,
+    /// The RTT estimate, when it was last touched (decayed or sampled), and when a
+    /// response last sampled it (`None`: a seed no response has confirmed yet).
+    ewma: Mutex<(f64, Instant, Option<Instant>)>,
     in_flight: AtomicU32,
     /// Circuit-breaker state.
     pub outlier: Outlier,
@@ -105,7 +119,7 @@ impl EndpointLoad {
         let ewma_gauge = metrics::gauge!(m::ENDPOINT_EWMA, &labels);
         ewma_gauge.set(seed);
         Self {
-            ewma: Mutex::new((seed, Instant::now())),
+            ewma: Mutex::new((seed, Instant::now(), None)),
             in_flight: AtomicU32::new(0),
             outlier: Outlier::default(),
             ewma_gauge,
@@ -144,19 +158,38 @@ impl EndpointLoad {
         self.rtt(decay) * f64::from(self.in_flight() + 1)
     }
 
+    /// Whether the estimate is stale, and no request is in flight to refresh it: it is
+    /// a seed no response has confirmed, or no response sampled it for one `decay`. A
+    /// stale endpoint gets the next request it is drawn for, as a probe.
+    fn stale(&self, decay: Duration) -> bool {
+        self.in_flight() == 0 && {
+            let g = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+            g.2.is_none_or(|sampled| sampled.elapsed() >= decay)
+        }
+    }
+
     fn observe(&self, sample: Duration, decay: Duration) {
         let sample = sample.max(RTT_FLOOR).as_secs_f64();
         let mut g = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
         let now = Instant::now();
-        if sample > g.0 {
-            // Peak: a slowdown is believed at once.
+        // The estimate as reads see it now (decayed since the last touch)...
+        let idle = now.saturating_duration_since(g.1).as_secs_f64();
+        let current = (g.0 * (-idle / decay.as_secs_f64()).exp()).max(RTT_FLOOR.as_secs_f64());
+        let since_sample = g.2.map_or(decay, |sampled| now.saturating_duration_since(sampled));
+        if sample > current || since_sample >= decay {
+            // Peak: a slowdown is believed at once; and a seed, or an estimate no
+            // response refreshed for a decay time, was stale: the sample is all we know.
             g.0 = sample;
         } else {
-            let elapsed = now.saturating_duration_since(g.1).as_secs_f64();
-            let w = (-elapsed / decay.as_secs_f64()).exp();
-            g.0 = g.0 * w + sample * (1.0 - w);
+            // ...pulled toward a lower sample by the time since the previous sample,
+            // not since the last read: P2C reads estimates far more often than
+            // responses arrive, and weighing by reads would all but ignore the samples
+            // (tower's estimate then only decays, at 1/decay, whatever the endpoint does).
+            let w = (-since_sample.as_secs_f64() / decay.as_secs_f64()).exp();
+            g.0 = current * w + sample * (1.0 - w);
         }
         g.1 = now;
+        g.2 = Some(now);
         self.ewma_gauge.set(g.0);
     }
 }
@@ -181,6 +214,15 @@ pub struct Pick {
 }
 
 impl Pick {
+    /// Restarts the RTT clock: the connection is ready and the request goes out now.
+    /// Connection set-up (TCP and TLS handshakes) is not the endpoint's response time:
+    /// counted in, a new connection's first sample would be a peak that keeps the
+    /// endpoint out of P2C for up to a decay time (as tower measures from `call`, after
+    /// the connection is ready).
+    pub fn connected(&mut self) {
+        self.started = Instant::now();
+    }
+
     /// Records the time to the first response byte as an RTT sample.
     pub fn first_byte(&mut self) {
         if !self.sampled {
@@ -305,11 +347,18 @@ impl Balancer {
                 let a = rng.random_range(0..n);
                 let b = (a + rng.random_range(1..n)) % n;
                 let (a, b) = (nth(a), nth(b));
-                let (ca, cb) = (
-                    self.load(endpoints[a], settings).cost(settings.decay),
-                    self.load(endpoints[b], settings).cost(settings.decay),
-                );
-                if cb < ca { b } else { a }
+                let (la, lb) = (self.load(endpoints[a], settings), self.load(endpoints[b], settings));
+                if la.stale(settings.decay) {
+                    return a;
+                }
+                if lb.stale(settings.decay) {
+                    return b;
+                }
+                if lb.cost(settings.decay) < la.cost(settings.decay) {
+                    b
+                } else {
+                    a
+                }
             }
         }
     }
@@ -375,7 +424,7 @@ impl Balancer {
         }
         let mean = peers.iter().sum::<f64>() / peers.len() as f64;
         let mut g = load.ewma.lock().unwrap_or_else(|e| e.into_inner());
-        *g = (mean.max(RTT_FLOOR.as_secs_f64()), Instant::now());
+        *g = (mean.max(RTT_FLOOR.as_secs_f64()), Instant::now(), None);
         load.ewma_gauge.set(g.0);
     }
 
@@ -545,6 +594,29 @@ mod tests {
         let share = simulate(&b, &eps, 6, 2000, |_| 10).await;
         let total: u32 = share.iter().sum();
         assert!(share[0] * 5 > total, "the recovered endpoint got {share:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_recovered_endpoint_wins_its_share_back_within_about_one_decay_time() {
+        let b = Arc::new(Balancer::default());
+        let eps = addrs(3);
+        simulate(&b, &eps, 6, 2000, |_| 2).await;
+        let share = simulate(&b, &eps, 6, 5000, |i| if i == 0 { 52 } else { 2 }).await;
+        let total: u32 = share.iter().sum();
+        // Still slow: about one probe per decay time, nowhere near 1 %.
+        assert!(share[0] * 100 < total, "the slow endpoint got {share:?}");
+        // It recovers: within one decay time of its last answer (10 s) it is probed,
+        // and from the next second on it takes a fair share.
+        let mut windows = Vec::new();
+        for _ in 0..11 {
+            let share = simulate(&b, &eps, 6, 1000, |_| 2).await;
+            let total: u32 = share.iter().sum();
+            windows.push(share.clone());
+            if share[0] * 4 > total {
+                return;
+            }
+        }
+        panic!("the recovered endpoint never got its share back: {windows:?}");
     }
 
     #[tokio::test(start_paused = true)]

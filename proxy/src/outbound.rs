@@ -519,7 +519,7 @@ impl Outbound {
             };
             let target = &targets.targets[pick.index];
             let head = clone_head(&parts);
-            let sent = self.send_once(head, body, dst, target, &route.policy, grpc);
+            let sent = self.send_once(head, body, dst, target, &route.policy, grpc, &mut pick);
             let outcome = sent.await;
             let (response, retryable, reached) = match outcome {
                 Ok(response) => {
@@ -568,6 +568,8 @@ impl Outbound {
     }
 
     /// One attempt to `target`: through its proxy over mTLS, or plain when it has none.
+    /// `pick`'s RTT clock starts once a connection to the peer is ready.
+    #[allow(clippy::too_many_arguments)]
     async fn send_once(
         &self,
         head: Head,
@@ -576,6 +578,7 @@ impl Outbound {
         target: &Target,
         policy: &Policy,
         grpc: bool,
+        pick: &mut Pick,
     ) -> Result<Response<Incoming>, (Failure, Response<Body>)> {
         let (per_try, connect_timeout, idle) = (policy.per_try_timeout, policy.connect_timeout, policy.idle_timeout);
         let send = async {
@@ -590,6 +593,7 @@ impl Outbound {
                         Ok(sender) => sender,
                         Err(e) => return Err((Failure::Connect, connect_error(&e))),
                     };
+                    pick.connected();
                     match sender.try_send_request(Request::from_parts(parts, body)).await {
                         Ok(response) => Ok(response),
                         Err(e) => {

@@ -747,50 +747,86 @@ pub struct LoadReport {
     pub failures: Vec<String>,
 }
 
+/// One request of a load run.
+#[derive(Debug, Clone)]
+pub struct Sample {
+    /// When it was sent, from the start of the run.
+    pub sent_at: Duration,
+    /// From sending to the whole response read.
+    pub latency: Duration,
+    /// The response body (an [`App`] names itself in it); empty for a failure.
+    pub body: String,
+    /// Whether it was answered 200.
+    pub ok: bool,
+}
+
 /// Sends `rate` requests per second for `duration` through the proxy at `proxy` (as an
 /// `HTTP_PROXY` client would: absolute-form URIs) to `url`. Each request is its own
 /// task, so a slow answer does not lower the rate. Bounded in count and time.
 pub async fn load(proxy: SocketAddr, url: &str, rate: u32, duration: Duration) -> LoadReport {
-    use std::sync::atomic::{AtomicU64, Ordering};
+    load_samples(proxy, url, rate, duration).await.0
+}
+
+/// As [`load`], with every request's [`Sample`], in the order they were sent.
+pub async fn load_samples(proxy: SocketAddr, url: &str, rate: u32, duration: Duration) -> (LoadReport, Vec<Sample>) {
+    use http_body_util::BodyExt;
     let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
         hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build(ProxyConnector(proxy));
-    let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
-    let failures = Arc::new(Mutex::new(Vec::new()));
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate);
     let total = u64::from(rate) * duration.as_secs();
-    let mut tasks = tokio::task::JoinSet::new();
+    let start = tokio::time::Instant::now();
+    let mut tasks = Vec::new();
     for _ in 0..total {
         tick.tick().await;
-        let (client, ok, failed, failures) = (client.clone(), ok.clone(), failed.clone(), failures.clone());
+        let client = client.clone();
         let uri: hyper::Uri = url.parse().expect("a URL");
-        tasks.spawn(async move {
-            let outcome = tokio::time::timeout(Duration::from_secs(10), client.get(uri)).await;
-            let failure = match outcome {
-                Ok(Ok(r)) if r.status() == 200 => None,
-                Ok(Ok(r)) => Some(format!("{} {:?}", r.status(), r.headers().get("wary-error"))),
-                Ok(Err(e)) => Some(format!("client error: {e:?}")),
-                Err(_) => Some("no answer within 10 s".to_string()),
-            };
-            match failure {
-                None => ok.fetch_add(1, Ordering::Relaxed),
-                Some(f) => {
-                    let mut list = failures.lock().unwrap();
-                    if list.len() < 10 {
-                        list.push(f);
-                    }
-                    failed.fetch_add(1, Ordering::Relaxed)
+        tasks.push(tokio::spawn(async move {
+            let sent = tokio::time::Instant::now();
+            let exchange = async {
+                let response = client.get(uri).await.map_err(|e| format!("client error: {e:?}"))?;
+                let (status, error) = (response.status(), response.headers().get("wary-error").cloned());
+                let body = response.into_body().collect().await.map_err(|e| format!("body: {e}"))?;
+                if status != 200 {
+                    return Err(format!("{status} {error:?}"));
                 }
+                Ok(String::from_utf8_lossy(&body.to_bytes()).into_owned())
             };
+            let outcome = tokio::time::timeout(Duration::from_secs(10), exchange)
+                .await
+                .unwrap_or_else(|_| Err("no answer within 10 s".to_string()));
+            (sent - start, sent.elapsed(), outcome)
+        }));
+    }
+    let mut report = LoadReport {
+        sent: total,
+        ..LoadReport::default()
+    };
+    let mut samples = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        let (sent_at, latency, outcome) = task.await.expect("a request task");
+        let ok = outcome.is_ok();
+        if ok {
+            report.ok += 1;
+        } else {
+            report.failed += 1;
+        }
+        let body = match outcome {
+            Ok(body) => body,
+            Err(failure) => {
+                if report.failures.len() < 10 {
+                    report.failures.push(failure);
+                }
+                String::new()
+            }
+        };
+        samples.push(Sample {
+            sent_at,
+            latency,
+            body,
+            ok,
         });
     }
-    while tasks.join_next().await.is_some() {}
-    let failures = failures.lock().unwrap().clone();
-    LoadReport {
-        sent: total,
-        ok: ok.load(Ordering::Relaxed),
-        failed: failed.load(Ordering::Relaxed),
-        failures,
-    }
+    (report, samples)
 }
 
 /// Connects every request to the proxy, whatever its URI says (an `HTTP_PROXY` client,
