@@ -77,6 +77,11 @@ pub const TCP_BYTES: &str = "wary_proxy_tcp_bytes_total";
 /// authorized.
 pub const AUTHORIZATIONS: &str = "wary_proxy_inbound_authorizations_total";
 
+/// Counter, by `reason` (`endpoint_removed`): app connections the outbound listener
+/// closed gracefully (HTTP/1 `Connection: close`, HTTP/2 GOAWAY) because where they
+/// were going is gone, so the app reconnects.
+pub const CLIENT_CONNECTIONS_CLOSED: &str = "wary_proxy_client_connections_closed_total";
+
 /// Counter, by `decision` (`served`, `refused`): plaintext connections on the inbound
 /// listener where some port is `permissive` (elsewhere plaintext fails the TLS
 /// handshake, counted in `wary_proxy_tls_handshake_failures_total{reason="not_tls"}`).
@@ -184,6 +189,11 @@ pub fn describe() {
         "Opaque streams carried (CONNECT, transparent TCP, upgrades)."
     );
     describe_counter!(TCP_BYTES, Unit::Bytes, "Bytes carried in opaque streams, by flow.");
+    describe_counter!(
+        CLIENT_CONNECTIONS_CLOSED,
+        Unit::Count,
+        "App connections closed gracefully because the endpoint they were going to left, by reason."
+    );
     describe_counter!(
         INBOUND_PLAINTEXT,
         Unit::Count,

@@ -197,9 +197,11 @@ impl Outbound {
     where
         I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
+        let client = Arc::new(ClientConn::default());
+        let closing = client.clone();
         let service = service_fn(move |req| {
-            let outbound = self.clone();
-            async move { Ok::<_, Infallible>(outbound.handle(req, original).await) }
+            let (outbound, client) = (self.clone(), client.clone());
+            async move { Ok::<_, Infallible>(outbound.handle(req, original, &client).await) }
         });
         let mut server = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         // A client that shuts its side down after sending a request still awaits the
@@ -213,7 +215,13 @@ impl Outbound {
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
-        let _ = server.serve_connection_with_upgrades(TokioIo::new(io), service).await;
+        let connection = server.serve_connection_with_upgrades(TokioIo::new(io), service);
+        tokio::pin!(connection);
+        tokio::select! {
+            _ = connection.as_mut() => return,
+            () = closing.close.notified() => connection.as_mut().graceful_shutdown(),
+        }
+        let _ = connection.await;
     }
 
     /// An opaque stream that was going to `original`: to the endpoint's proxy in a
@@ -289,7 +297,12 @@ impl Outbound {
         }
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, original: Option<SocketAddr>) -> Response<Body> {
+    async fn handle(
+        &self,
+        mut req: Request<Incoming>,
+        original: Option<SocketAddr>,
+        client: &ClientConn,
+    ) -> Response<Body> {
         if req
             .headers()
             .get_all(http::header::VIA)
@@ -350,7 +363,28 @@ impl Outbound {
         let routes = self.routes.load_full();
         let found = match original {
             // Redirected: where the app was going decides, not what its Host says.
-            Some(original) => routes.by_original(original),
+            Some(original) => match routes.by_original(original) {
+                Some(found) => {
+                    if client.home.get().is_none()
+                        && let Some((service, port)) = routes.endpoint_service(original)
+                    {
+                        let _ = client.home.set((service.to_string(), port));
+                    }
+                    Some(found)
+                }
+                // The endpoint this connection was going to left: this request goes to
+                // its service's others, and the connection closes after it (HTTP/1
+                // `Connection: close`, HTTP/2 GOAWAY), so the client reconnects to a
+                // live one rather than fail on a dead address.
+                None => client.home.get().and_then(|(service, port)| {
+                    if !client.closing.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        tracing::info!(%original, %service, "the endpoint this connection was going to left; serving its requests through the service and closing the connection");
+                        metrics::counter!(m::CLIENT_CONNECTIONS_CLOSED, "reason" => "endpoint_removed").increment(1);
+                        client.close.notify_one();
+                    }
+                    routes.by_name(service, *port, &self.namespace)
+                }),
+            },
             None => routes.by_name(dst.host(), port, &self.namespace),
         };
         let Some((route, targets)) = found else {
@@ -958,6 +992,18 @@ fn with_attempts(mut response: Response<Body>, attempts: u32) -> Response<Body> 
 }
 
 /// How a request travels.
+/// One client connection, in transparent mode.
+#[derive(Default)]
+struct ClientConn {
+    /// The service and service port of the endpoint the connection was going to, once
+    /// a request found it.
+    home: std::sync::OnceLock<(String, u16)>,
+    /// Set once the connection is to close.
+    closing: std::sync::atomic::AtomicBool,
+    /// Wakes the connection's task to close it gracefully.
+    close: tokio::sync::Notify,
+}
+
 enum Mode {
     /// A request and its response.
     Http,

@@ -105,7 +105,7 @@ pub struct RouteTable {
     by_vip: HashMap<std::net::IpAddr, Arc<Route>>,
     /// Each ready endpoint's app address: a connection to a workload's own address
     /// goes to that workload, as Linkerd does for pod IPs.
-    by_endpoint: HashMap<SocketAddr, (Arc<Route>, PortTargets)>,
+    by_endpoint: HashMap<SocketAddr, (Arc<Route>, PortTargets, u16)>,
 }
 
 impl RouteTable {
@@ -114,7 +114,7 @@ impl RouteTable {
     /// them, so none should reach here).
     pub fn build(state: &DiscoveryState, balancers: &Balancers) -> Self {
         let (mut by_name, mut by_vip) = (HashMap::new(), HashMap::new());
-        let mut by_endpoint: HashMap<SocketAddr, (Arc<Route>, PortTargets)> = HashMap::new();
+        let mut by_endpoint: HashMap<SocketAddr, (Arc<Route>, PortTargets, u16)> = HashMap::new();
         for (name, service) in &state.services.items {
             let mut ports: HashMap<u16, PortTargets> = HashMap::new();
             for e in state.endpoints.items.get(name).iter().flat_map(|e| e.endpoints.iter()) {
@@ -167,7 +167,7 @@ impl RouteTable {
                     by_vip.insert(ip, route.clone());
                 }
             }
-            for port in route.ports.values() {
+            for (service_port, port) in &route.ports {
                 for target in &port.targets {
                     let only = PortTargets {
                         targets: vec![target.clone()],
@@ -179,7 +179,7 @@ impl RouteTable {
                     match by_endpoint.entry(target.app) {
                         std::collections::hash_map::Entry::Occupied(e) if e.get().0.name <= route.name => {}
                         entry => {
-                            let _ = entry.insert_entry((route.clone(), only));
+                            let _ = entry.insert_entry((route.clone(), only, *service_port));
                         }
                     }
                 }
@@ -205,7 +205,15 @@ impl RouteTable {
         if let Some(route) = self.by_vip.get(&addr.ip()) {
             return Some((route, route.ports.get(&addr.port())?));
         }
-        self.by_endpoint.get(&addr).map(|(route, only)| (route, only))
+        self.by_endpoint.get(&addr).map(|(route, only, _)| (route, only))
+    }
+
+    /// The service and service port a ready endpoint's app address `addr` serves, if
+    /// it is one: where a connection to that endpoint can go once the endpoint leaves.
+    pub fn endpoint_service(&self, addr: SocketAddr) -> Option<(&str, u16)> {
+        self.by_endpoint
+            .get(&addr)
+            .map(|(route, _, port)| (route.name.as_str(), *port))
     }
 
     /// The route a client in `namespace` means by `host`: a resource or host name, or a

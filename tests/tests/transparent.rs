@@ -92,10 +92,8 @@ fn redirected_connections_are_detected_and_carried_over_mtls() {
 
 async fn inside() {
     let mesh = MeshDir::new();
-    mesh.write(
-        "mesh.yaml",
-        &format!(
-            "apiVersion: local.wary.io/v1alpha1
+    let config = format!(
+        "apiVersion: local.wary.io/v1alpha1
 kind: Service
 metadata: {{name: backend}}
 spec:
@@ -131,8 +129,8 @@ spec:
   ports:
   - {{name: http, port: 8080}}
 "
-        ),
     );
+    mesh.write("mesh.yaml", &config);
     let cp = ControlPlane::start(&mesh).await;
     let web = Proxy::start_listening(&cp, "web-1", addr(&format!("{NET}.1:4143")), addr(OUTBOUND)).await;
     let backend = Proxy::start_at(&cp, "backend-1", addr(&format!("{NET}.2:4143"))).await;
@@ -186,7 +184,128 @@ spec:
     ] {
         assert!(metrics.contains(line), "{line} in {metrics}");
     }
+
+    // backend-2 joins; then backend-1, which the app's open connections were going to,
+    // leaves. Their next requests are served by backend-2, and each connection closes
+    // after its answer (HTTP/1 `Connection: close`, HTTP/2 GOAWAY), so the app reconnects.
+    mesh.write(
+        "backend-2.yaml",
+        &format!(
+            "apiVersion: local.wary.io/v1alpha1
+kind: Workload
+metadata: {{name: backend-2, labels: {{app: backend}}}}
+spec:
+  serviceAccount: backend
+  address: {NET}.3
+  ports: [{{name: http, port: 9090}}]
+"
+        ),
+    );
+    let backend2 = Proxy::start_at(&cp, "backend-2", addr(&format!("{NET}.3:4143"))).await;
+    backend2.wait_ready().await;
+    let _app2 = Upstream::start(addr(&format!("{NET}.3:9090")), "backend-2").await;
+    let mut h1 = connect_from_client(&format!("{NET}.2:9090")).await;
+    let (head, body) = http1_get(&mut h1).await;
+    assert!(
+        head.starts_with("HTTP/1.1 200") && body.contains("backend-1"),
+        "{head}{body}"
+    );
+    let (mut h2, h2_done) = h2_client(connect_from_client(&format!("{NET}.2:9090")).await).await;
+    assert!(h2_get(&mut h2).await.contains("backend-1"));
+
+    mesh.write(
+        "mesh.yaml",
+        &config.replace(
+            &format!("address: {NET}.2\n"),
+            &format!("address: {NET}.2\n  ready: false\n"),
+        ),
+    );
+    web.wait_for_dump("backend-1 gone", |d| !d.to_string().contains(&format!("{NET}.2:9090")))
+        .await;
+
+    let (head, body) = http1_get(&mut h1).await;
+    assert!(
+        head.starts_with("HTTP/1.1 200") && body.contains("backend-2"),
+        "{head}{body}"
+    );
+    assert!(head.to_lowercase().contains("connection: close"), "{head}");
+    let mut rest = Vec::new();
+    tokio::time::timeout(DEADLINE, h1.read_to_end(&mut rest))
+        .await
+        .expect("the proxy closes the connection")
+        .unwrap();
+    assert!(h2_get(&mut h2).await.contains("backend-2"));
+    tokio::time::timeout(DEADLINE, h2_done)
+        .await
+        .expect("the proxy ends the HTTP/2 connection (GOAWAY)")
+        .unwrap();
+    let metrics = curl_plain(&format!("http://{}/metrics", web.admin));
+    let closed = "wary_proxy_client_connections_closed_total{reason=\"endpoint_removed\"} 2";
+    assert!(metrics.contains(closed), "{closed} in {metrics}");
     let _ = (&mesh, &backend);
+}
+
+/// One HTTP/1.1 GET on an open connection: the response head and body.
+async fn http1_get(tcp: &mut TcpStream) -> (String, String) {
+    tcp.write_all(b"GET /hello HTTP/1.1\r\nHost: backend\r\n\r\n")
+        .await
+        .unwrap();
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        let n = tokio::time::timeout(DEADLINE, tcp.read(&mut byte))
+            .await
+            .expect("a response head in time")
+            .unwrap();
+        assert_eq!(
+            n,
+            1,
+            "the connection closed mid-head: {}",
+            String::from_utf8_lossy(&head)
+        );
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            l.to_lowercase()
+                .strip_prefix("content-length:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("a content-length");
+    (head, read_exactly(tcp, length).await)
+}
+
+type H2 = hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>;
+
+/// An HTTP/2 (prior knowledge) client on `tcp`, and its connection task, which ends
+/// when the connection does.
+async fn h2_client(tcp: TcpStream) -> (H2, tokio::task::JoinHandle<()>) {
+    let (sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    (
+        sender,
+        tokio::spawn(async move {
+            let _ = conn.await;
+        }),
+    )
+}
+
+async fn h2_get(sender: &mut H2) -> String {
+    use http_body_util::BodyExt;
+    let req = http::Request::get("http://backend/hello")
+        .body(http_body_util::Empty::new())
+        .unwrap();
+    let response = tokio::time::timeout(DEADLINE, sender.send_request(req))
+        .await
+        .expect("an HTTP/2 answer in time")
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8_lossy(&body).into_owned()
 }
 
 /// curl from the client workload's address (so the redirect applies), with no proxy.
