@@ -119,13 +119,64 @@ fn source_matches(s: &Source, client: Option<&SpiffeId>) -> bool {
         // An unauthenticated client matches only a source that asks nothing of it.
         return s.principals.is_empty() && s.namespaces.is_empty() && s.service_accounts.is_empty();
     };
-    let principal = id.to_string();
-    let sa = format!("{}/{}", id.namespace(), id.service_account());
-    all_or_any(&s.principals, &principal)
+    // The principal and `<namespace>/<service account>` are matched as the joined
+    // parts, without building them: this runs for every policy on every request.
+    let principal = [
+        "spiffe://",
+        id.trust_domain().as_str(),
+        "/ns/",
+        id.namespace(),
+        "/sa/",
+        id.service_account(),
+    ];
+    let sa = [id.namespace(), "/", id.service_account()];
+    let any = |patterns: &[String], parts: &[&str]| patterns.iter().any(|p| glob_parts(p, parts));
+    (s.principals.is_empty() || any(&s.principals, &principal))
         && all_or_any(&s.namespaces, id.namespace())
-        && all_or_any(&s.service_accounts, &sa)
-        && !s.not_principals.iter().any(|p| glob(p, &principal))
+        && (s.service_accounts.is_empty() || any(&s.service_accounts, &sa))
+        && !any(&s.not_principals, &principal)
         && !s.not_namespaces.iter().any(|p| glob(p, id.namespace()))
+}
+
+/// [`glob`] against the concatenation of `parts`.
+fn glob_parts(pattern: &str, parts: &[&str]) -> bool {
+    if pattern == "*" {
+        true
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        parts_start_with(parts, prefix)
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        parts_end_with(parts, suffix)
+    } else {
+        pattern.len() == parts.iter().map(|p| p.len()).sum::<usize>() && parts_start_with(parts, pattern)
+    }
+}
+
+/// Whether the concatenation of `parts` starts with `want`.
+fn parts_start_with(parts: &[&str], mut want: &str) -> bool {
+    for part in parts {
+        if want.len() <= part.len() {
+            return part.starts_with(want);
+        }
+        match want.strip_prefix(part) {
+            Some(rest) => want = rest,
+            None => return false,
+        }
+    }
+    want.is_empty()
+}
+
+/// Whether the concatenation of `parts` ends with `want`.
+fn parts_end_with(parts: &[&str], mut want: &str) -> bool {
+    for part in parts.iter().rev() {
+        if want.len() <= part.len() {
+            return part.ends_with(want);
+        }
+        match want.strip_suffix(part) {
+            Some(rest) => want = rest,
+            None => return false,
+        }
+    }
+    want.is_empty()
 }
 
 fn operation_matches(o: &Operation, req: &Request<'_>, action: Action) -> bool {
@@ -200,6 +251,36 @@ mod tests {
             port: 8080,
             permissive: false,
         }
+    }
+
+    #[test]
+    fn matching_joined_parts_agrees_with_matching_the_joined_string() {
+        let parts = ["spiffe://", "cluster.local", "/ns/", "default", "/sa/", "web"];
+        let joined = parts.concat();
+        let patterns = [
+            "*",
+            "spiffe://cluster.local/ns/default/sa/web",
+            "spiffe://cluster.local/ns/default/sa/we",
+            "spiffe://cluster.local/ns/default/sa/webb",
+            "spiffe://cluster.local/ns/default/*",
+            "spiffe://cluster.local/ns/defaulx/*",
+            "spiffe://cluster.local/*",
+            "spiffe://*",
+            "spiffe:*",
+            "*/sa/web",
+            "*web",
+            "*eb",
+            "*/sa/db",
+            "*default/sa/web",
+            "*xspiffe://cluster.local/ns/default/sa/web",
+            "spiffe://cluster.local/ns/default/sa/web/extra*",
+            "",
+        ];
+        for p in patterns {
+            assert_eq!(glob_parts(p, &parts), glob(p, &joined), "{p:?}");
+        }
+        assert!(glob_parts("default/web", &["default", "/", "web"]));
+        assert!(!glob_parts("default/we", &["default", "/", "web"]));
     }
 
     #[test]

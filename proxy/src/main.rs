@@ -105,6 +105,11 @@ struct Args {
     /// Log format: `text` or `json`. The level is set with RUST_LOG (default `info`).
     #[arg(long, env = "WARY_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// Threads carrying traffic; default: the CPUs the process may use (its cgroup's
+    /// CPU limit included). A sidecar with a one-CPU limit runs one. The admin server
+    /// has a thread of its own besides.
+    #[arg(long, env = "WARY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
 }
 
 /// A comma-separated list of ports; empty for none.
@@ -132,9 +137,20 @@ impl std::fmt::Display for PortList {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    let mut runtime = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.worker_threads {
+        runtime.worker_threads(usize::from(n));
+    }
+    runtime
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?
+        .block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     let logs = tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -161,6 +161,11 @@ impl ControlPlane {
 
     /// Starts a control plane on `mesh` with its discovery server on `discovery`.
     pub async fn start_at(mesh: &MeshDir, discovery: SocketAddr) -> Self {
+        Self::start_logging(mesh, discovery, "info,wary_control_plane=debug").await
+    }
+
+    /// As [`ControlPlane::start_at`], logging at `rust_log` (benchmarks use `warn`).
+    pub async fn start_logging(mesh: &MeshDir, discovery: SocketAddr, rust_log: &str) -> Self {
         let mut child = Command::new(binary("wary-control-plane"))
             .arg("--config-dir")
             .arg(mesh.path())
@@ -172,7 +177,7 @@ impl ControlPlane {
                 "--admin-addr",
                 "127.0.0.1:0",
             ])
-            .env("RUST_LOG", "info,wary_control_plane=debug")
+            .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -190,6 +195,11 @@ impl ControlPlane {
             child,
             logs,
         }
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id().expect("the control plane is running")
     }
 
     /// `https://<discovery address>`.
@@ -369,7 +379,6 @@ impl Proxy {
     ) -> Self {
         let token = cp.token(workload).await;
         let mut child = Command::new(binary("wary-proxy"))
-            .envs(env.iter().copied())
             .args(["--control-plane", &cp.discovery_url(), "--workload", workload])
             .args(["--admin-addr", "127.0.0.1:0", "--outbound-addr", &outbound.to_string()])
             .args(["--inbound-addr", &inbound.to_string()])
@@ -377,6 +386,8 @@ impl Proxy {
             .arg(&cp.trust_anchors)
             .env("WARY_JOIN_TOKEN", token)
             .env("RUST_LOG", "info,wary_proxy=debug")
+            // The caller's settings win, RUST_LOG included.
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -411,6 +422,11 @@ impl Proxy {
             .await
             .expect("the proxy exits in time")
             .expect("wait for the proxy")
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self._child.id().expect("the proxy is running")
     }
 
     /// Its peak resident memory so far (`VmHWM`), bytes.
