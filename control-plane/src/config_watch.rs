@@ -125,6 +125,7 @@ impl ConfigWatch {
 /// Reads the directory once and publishes the snapshot if it changed. Blocking.
 pub fn reload(source: &mut ConfigDir, snapshots: &watch::Sender<Arc<Snapshot>>, status: &watch::Sender<ConfigStatus>) {
     let dir = source.root().display().to_string();
+    let started = std::time::Instant::now();
     let loaded = match source.load() {
         Ok(l) => l,
         Err(e) => {
@@ -136,7 +137,15 @@ pub fn reload(source: &mut ConfigDir, snapshots: &watch::Sender<Arc<Snapshot>>, 
     };
     let mut errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
     let mut warnings = Vec::new();
-    match resources::compute(&loaded.documents) {
+    let read = started.elapsed();
+    let computed = resources::compute(&loaded.documents);
+    tracing::debug!(
+        documents = loaded.documents.len(),
+        read_ms = read.as_millis(),
+        compute_ms = (started.elapsed() - read).as_millis(),
+        "configuration read"
+    );
+    match computed {
         Ok((snapshot, warns)) => {
             warnings = warns.iter().map(ToString::to_string).collect();
             let changed = snapshots.send_if_modified(|current| {
