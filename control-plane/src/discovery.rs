@@ -522,12 +522,11 @@ impl ProxyStream {
                      not `*`",
                 )));
             }
-            if let Some(owner) = snapshot.inbound_owner(name)
-                && owner != self.identity
-            {
+            // The owner is not named: a proxy learns nothing of other workloads here.
+            if snapshot.inbound_owner(name).is_some_and(|owner| owner != self.identity) {
                 return Err(End::Refused(Status::permission_denied(format!(
-                    "inbound policy {name} belongs to a workload running as {owner}; this proxy is {} and reads \
-                     only its own workload's policy",
+                    "this proxy is {} and reads only its own workload's inbound policy, not {name}: check its \
+                     --workload and --namespace",
                     self.identity
                 ))));
             }

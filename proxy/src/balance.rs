@@ -274,6 +274,12 @@ impl Pick {
 
 impl Drop for Pick {
     fn drop(&mut self) {
+        if !self.sampled {
+            // No answer to measure (refused, reset, cancelled): the endpoint was tried
+            // now, so it is not stale; a failing one must not win every draw.
+            let mut g = self.load.ewma.lock().unwrap_or_else(|e| e.into_inner());
+            g.2 = Some(Instant::now());
+        }
         let now = self.load.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
         self.load.in_flight_gauge.set(f64::from(now));
         if self.probe && !self.reported {

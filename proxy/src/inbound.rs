@@ -35,7 +35,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use wary_certs::SpiffeId;
 use wary_certs::tls::{HandshakeFailure, peer_identity};
-use wary_proto::discovery::MtlsMode;
+use wary_proto::discovery::{MtlsMode, Protocol};
 
 use crate::authorize;
 use crate::detect;
@@ -55,6 +55,11 @@ pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// plaintext client whose server speaks first: 1 s (a TLS client sends its ClientHello
 /// at once).
 pub const PLAINTEXT_DETECT_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The most plaintext connections (permissive mode) open at once: 4096. Beyond, new
+/// ones are closed and counted (`decision="overloaded"`), so clients without any
+/// credential cannot exhaust the proxy's or the app's file descriptors.
+pub const MAX_PLAINTEXT_CONNECTIONS: usize = 4096;
 
 /// The first byte of a TLS handshake record (RFC 8446 §5.1, ContentType handshake).
 const TLS_HANDSHAKE_RECORD: u8 = 0x16;
@@ -109,6 +114,9 @@ pub struct Inbound {
     http1: Client<HttpConnector, Body>,
     http2: AppH2,
     drain: Arc<Drain>,
+    /// Plaintext connections open at once (permissive mode), at most
+    /// [`MAX_PLAINTEXT_CONNECTIONS`].
+    plaintext: Arc<tokio::sync::Semaphore>,
 }
 
 impl Inbound {
@@ -131,6 +139,7 @@ impl Inbound {
                 .build_http(),
             http2: AppH2::default(),
             drain,
+            plaintext: Arc::new(tokio::sync::Semaphore::new(MAX_PLAINTEXT_CONNECTIONS)),
         }
     }
 
@@ -191,6 +200,10 @@ impl Inbound {
                 // Strict everywhere (the default): no peeking, TLS or nothing.
                 if inbound.any_permissive() && !starts_with_tls(&tcp).await {
                     drop(permit);
+                    let Ok(_slot) = inbound.plaintext.clone().try_acquire_owned() else {
+                        metrics::counter!(m::INBOUND_PLAINTEXT, "decision" => "overloaded").increment(1);
+                        return;
+                    };
                     return inbound.serve_plaintext(tcp, peer).await;
                 }
                 let handshake = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
@@ -259,6 +272,12 @@ impl Inbound {
         let active = self.drain.track();
         let started = tokio::time::Instant::now();
         let response = match plaintext {
+            // The port may have turned strict since the connection was accepted.
+            Some(port) if !self.port_permissive(port) => error_response(
+                StatusCode::FORBIDDEN,
+                "plaintext-refused",
+                format!("port {port} now requires mesh mTLS; plaintext is no longer served"),
+            ),
             Some(port) => match as_mesh_request(&mut req, port) {
                 None => self.handle(req, &client).await,
                 Some(refused) => refused,
@@ -275,6 +294,30 @@ impl Inbound {
             })
             .boxed()
         }))
+    }
+
+    /// Whether the workload declares `port` opaque (`appProtocol: tcp`).
+    fn declared_opaque(&self, port: u16) -> bool {
+        let state = self.cache.load();
+        state.inbound.items.get(&self.policy).is_some_and(|p| {
+            p.ports
+                .iter()
+                .any(|d| d.port == u32::from(port) && d.protocol == Protocol::Opaque as i32)
+        })
+    }
+
+    /// Whether `port` accepts plaintext now (its mode, or the workload's).
+    fn port_permissive(&self, port: u16) -> bool {
+        let state = self.cache.load();
+        state.inbound.items.get(&self.policy).is_some_and(|policy| {
+            let mode = policy
+                .ports
+                .iter()
+                .find(|p| p.port == u32::from(port))
+                .and_then(|p| p.mtls_mode)
+                .unwrap_or(policy.mtls_mode);
+            mode == MtlsMode::Permissive as i32
+        })
     }
 
     /// Whether the workload, or any of its ports, accepts plaintext.
@@ -320,12 +363,20 @@ impl Inbound {
         let Some(client) = Peer::new(&self.policy, None) else {
             return;
         };
+        // A port declared opaque gets bytes; any other gets HTTP only, parsed by the
+        // proxy, so no identity header can ride through unseen.
+        if self.declared_opaque(port) {
+            return self
+                .splice_plaintext(detect::Prefixed::new(bytes::Bytes::new(), tcp), port, peer)
+                .await;
+        }
         let mut prefix = bytes::BytesMut::new();
         let protocol = detect::detect(&mut tcp, &mut prefix, PLAINTEXT_DETECT_TIMEOUT).await;
-        let io = detect::Prefixed::new(prefix.freeze(), tcp);
         if protocol == detect::Protocol::Opaque {
-            return self.splice_plaintext(io, port, peer).await;
+            tracing::info!(%peer, port, "closed a plaintext connection that is not HTTP on a port not declared opaque");
+            return;
         }
+        let io = detect::Prefixed::new(prefix.freeze(), tcp);
         let client = Arc::new(client);
         let inbound = self.clone();
         let service = service_fn(move |req| inbound.clone().serve_request(req, client.clone(), Some(port)));
@@ -561,7 +612,17 @@ impl Inbound {
         match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(app)).await {
             Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);
-                tunnel::spawn_bridge(downstream, tcp, app.to_string(), self.drain.track());
+                let (what, held) = (app.to_string(), self.drain.track());
+                if self.declared_opaque(app.port()) {
+                    tunnel::spawn_bridge(downstream, tcp, what, held);
+                } else {
+                    tokio::spawn(async move {
+                        let _held = held;
+                        if let Ok(io) = downstream.await {
+                            bridge_refusing_http(TokioIo::new(io), tcp, &what).await;
+                        }
+                    });
+                }
                 Response::new(h::empty())
             }
             Ok(Err(e)) => error_response(
@@ -809,4 +870,53 @@ fn as_mesh_request(req: &mut Request<Incoming>, port: u16) -> Option<Response<Bo
         req.headers_mut().insert(h::ORIG_PROTO, HeaderValue::from_static("h2"));
     }
     None
+}
+
+/// Joins a peer's opaque stream to the app, refusing one that opens with HTTP: on a port
+/// not declared opaque, HTTP must travel as HTTP, where the proxy sets `wary-client-id`
+/// itself; inside a byte stream a forged one would reach the app. The app's bytes flow
+/// at once (servers that speak first are not held up); the peer's first bytes are
+/// judged before any reaches the app, leading empty lines skipped as HTTP servers skip
+/// them.
+async fn bridge_refusing_http<D>(downstream: D, upstream: TcpStream, what: &str)
+where
+    D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    use tokio::io::AsyncReadExt;
+    let (mut from_peer, mut to_peer) = tokio::io::split(downstream);
+    let (mut from_app, mut to_app) = upstream.into_split();
+    let to_client = tokio::spawn(async move {
+        let _ = tokio::io::copy(&mut from_app, &mut to_peer).await;
+        let _ = to_peer.shutdown().await;
+    });
+    let mut first = bytes::BytesMut::with_capacity(64);
+    let verdict = loop {
+        let start = first
+            .iter()
+            .position(|b| !matches!(b, b'\r' | b'\n'))
+            .unwrap_or(first.len());
+        match detect::classify(&first[start..]) {
+            Some(p) => break Some(p),
+            None if first.len() >= 4096 => break Some(detect::Protocol::Opaque),
+            None => {}
+        }
+        match from_peer.read_buf(&mut first).await {
+            Ok(n) if n > 0 => {}
+            _ => break None,
+        }
+    };
+    if verdict == Some(detect::Protocol::Http) {
+        metrics::counter!(m::AUTHORIZATIONS, "decision" => "deny", "policy" => "http-in-tcp-stream").increment(1);
+        tracing::info!(
+            what,
+            "closed an opaque stream that carried HTTP to a port not declared opaque"
+        );
+        to_client.abort();
+        return;
+    }
+    if to_app.write_all(&first).await.is_ok() && verdict.is_some() {
+        let _ = tokio::io::copy(&mut from_peer, &mut to_app).await;
+    }
+    let _ = to_app.shutdown().await;
+    let _ = to_client.await;
 }

@@ -363,7 +363,15 @@ impl Outbound {
         let routes = self.routes.load_full();
         let found = match original {
             // Redirected: where the app was going decides, not what its Host says.
-            Some(original) => match routes.by_original(original) {
+            // The same address now serving another service (a reused pod IP) counts as
+            // the endpoint gone: this connection's requests stay with their service.
+            Some(original) => match routes.by_original(original).filter(|_| {
+                client.home.get().is_none_or(|(service, port)| {
+                    routes
+                        .endpoint_service(original)
+                        .is_none_or(|(s, p)| s == service && p == *port)
+                })
+            }) {
                 Some(found) => {
                     if client.home.get().is_none()
                         && let Some((service, port)) = routes.endpoint_service(original)
