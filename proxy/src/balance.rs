@@ -99,6 +99,8 @@ pub struct EndpointLoad {
     /// response last sampled it (`None`: a seed no response has confirmed yet).
     ewma: Mutex<(f64, Instant, Option<Instant>)>,
     in_flight: AtomicU32,
+    /// A request has claimed the stale estimate's re-measurement.
+    probing: std::sync::atomic::AtomicBool,
     /// Circuit-breaker state.
     pub outlier: Outlier,
     ewma_gauge: metrics::Gauge,
@@ -130,6 +132,7 @@ impl EndpointLoad {
         Self {
             ewma: Mutex::new((seed, Instant::now(), None)),
             in_flight: AtomicU32::new(0),
+            probing: std::sync::atomic::AtomicBool::new(false),
             outlier: Outlier::default(),
             ewma_gauge,
             in_flight_gauge: metrics::gauge!(m::ENDPOINT_IN_FLIGHT, &labels),
@@ -171,11 +174,14 @@ impl EndpointLoad {
     /// a seed no response has confirmed, or no response sampled it for
     /// `decay / STALE_DIVISOR`. A stale endpoint gets the next request it is drawn
     /// for, as a probe.
+    /// Only one request claims it, however many draw it at once.
     fn stale(&self, decay: Duration) -> bool {
-        self.in_flight() == 0 && {
-            let g = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
-            g.2.is_none_or(|sampled| sampled.elapsed() >= decay / STALE_DIVISOR)
-        }
+        self.in_flight() == 0
+            && {
+                let g = self.ewma.lock().unwrap_or_else(|e| e.into_inner());
+                g.2.is_none_or(|sampled| sampled.elapsed() >= decay / STALE_DIVISOR)
+            }
+            && !self.probing.swap(true, Ordering::AcqRel)
     }
 
     fn observe(&self, sample: Duration, decay: Duration) {
@@ -200,6 +206,7 @@ impl EndpointLoad {
         }
         g.1 = now;
         g.2 = Some(now);
+        self.probing.store(false, Ordering::Release);
         self.ewma_gauge.set(g.0);
     }
 }
@@ -279,6 +286,7 @@ impl Drop for Pick {
             // now, so it is not stale; a failing one must not win every draw.
             let mut g = self.load.ewma.lock().unwrap_or_else(|e| e.into_inner());
             g.2 = Some(Instant::now());
+            self.load.probing.store(false, Ordering::Release);
         }
         let now = self.load.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
         self.load.in_flight_gauge.set(f64::from(now));

@@ -273,7 +273,7 @@ impl Outbound {
                 connect
                     .headers_mut()
                     .insert(h::ORIG_PROTO, HeaderValue::from_static("tcp"));
-                match self.open_tunnel(connect, &hop).await {
+                match self.open_tunnel(connect, &hop, &mut pick).await {
                     Ok(mut response) => {
                         pick.first_byte();
                         pick.success();
@@ -731,7 +731,7 @@ impl Outbound {
             }
             Mode::Http => unreachable!("plain requests are not tunnelled"),
         };
-        let mut response = match self.open_tunnel(connect, hop).await {
+        let mut response = match self.open_tunnel(connect, hop, &mut pick).await {
             Ok(response) => response,
             // Refused (authorization, the app's port closed...) or the app answered the
             // upgrade with an error: relayed as is.
@@ -777,10 +777,12 @@ impl Outbound {
 
     /// Sends a `CONNECT` to the peer proxy of `hop`: its 200 answer (the tunnel is
     /// open), or the answer to relay instead.
+    /// `pick`'s RTT clock starts once the connection to the peer is ready.
     async fn open_tunnel(
         &self,
         mut connect: Request<Body>,
         hop: &Hop<'_>,
+        pick: &mut Pick,
     ) -> Result<Response<Incoming>, Response<Body>> {
         connect
             .headers_mut()
@@ -790,6 +792,7 @@ impl Outbound {
             .get(hop.peer, hop.identity, None, None)
             .await
             .map_err(|e| connect_error(&e))?;
+        pick.connected();
         let response = sender
             .send_request(connect)
             .await

@@ -174,10 +174,12 @@ impl RouteTable {
                         addrs: vec![target.app],
                         opaque: port.opaque,
                     };
-                    // An address in two services goes to the first by name, whatever
-                    // the map's order, so it does not flip between updates.
+                    // An address in two services (or two ports of one) goes to the first
+                    // by name and port, whatever the maps' order, so it does not flip
+                    // between updates.
                     match by_endpoint.entry(target.app) {
-                        std::collections::hash_map::Entry::Occupied(e) if e.get().0.name <= route.name => {}
+                        std::collections::hash_map::Entry::Occupied(e)
+                            if (e.get().0.name.as_str(), e.get().2) <= (route.name.as_str(), *service_port) => {}
                         entry => {
                             let _ = entry.insert_entry((route.clone(), only, *service_port));
                         }
