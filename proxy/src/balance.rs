@@ -1,7 +1,8 @@
 //! Endpoint choice: power of two choices (P2C) over Peak-EWMA cost.
 //!
 //! ```text
-//! ready endpoints ─▶ pick two at random ─▶ the one with the lower cost
+//! ready endpoints ─▶ pick two at random ─▶ the one with the lower cost (costs within
+//!                                          noise: either, at random)
 //!    cost = Peak-EWMA RTT × (in-flight + 1)
 //!    RTT: sampled at the first response byte; a sample above the estimate replaces
 //!         it at once (peak), one below pulls it down with weight e^(−Δt/decay);
@@ -50,6 +51,11 @@ use crate::outlier::{Outlier, OutlierSettings};
 /// notes). Wary's choice: short enough that no endpoint idles for long on one unlucky
 /// answer, long enough that a slow one costs under 1 % of requests from 50/s up.
 pub const STALE_DIVISOR: u32 = 5;
+
+/// Two P2C costs closer than this fraction of the larger (or than [`RTT_FLOOR`]) are a
+/// tie, broken at random: 0.25. Wary's choice. A +50 ms endpoint among 1–2 ms peers,
+/// or one with twice their in-flight requests, is still always avoided.
+pub const TIE_FRACTION: f64 = 0.25;
 
 /// Peak-EWMA decay time constant when the policy sets none: 10 s (Linkerd).
 pub const DEFAULT_DECAY: Duration = Duration::from_secs(10);
@@ -378,7 +384,14 @@ impl Balancer {
                 if lb.stale(settings.decay) {
                     return b;
                 }
-                if lb.cost(settings.decay) < la.cost(settings.decay) {
+                let (ca, cb) = (la.cost(settings.decay), lb.cost(settings.decay));
+                // Costs closer than measurement noise are a tie, broken at random: on
+                // equal endpoints one slightly higher recent sample would otherwise
+                // decide every comparison and starve one of them for seconds.
+                let noise = (ca.max(cb) * TIE_FRACTION).max(RTT_FLOOR.as_secs_f64());
+                if (ca - cb).abs() <= noise {
+                    if rng.random_bool(0.5) { a } else { b }
+                } else if cb < ca {
                     b
                 } else {
                     a
