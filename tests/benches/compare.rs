@@ -21,7 +21,9 @@ use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
-use wary_tests::{App, ControlPlane, MeshDir, Proxy, load_samples, service, workload_as};
+use wary_tests::{
+    App, ControlPlane, MeshDir, Proxy, load_samples, proc_cpu_seconds, proc_status_bytes, service, workload_as,
+};
 
 const NET: &str = "127.0.51";
 const ROUNDS: usize = 3;
@@ -107,7 +109,7 @@ async fn main() {
     paths.push(Path2 {
         name: "wary",
         entry: web.outbound,
-        idle_rss: wary_pids.iter().map(|p| rss(*p, "VmRSS")).collect(),
+        idle_rss: wary_pids.iter().map(|p| proc_status_bytes(*p, "VmRSS")).collect(),
         pids: wary_pids,
     });
     let mut children = Vec::new();
@@ -117,7 +119,7 @@ async fn main() {
             paths.push(Path2 {
                 name: "envoy",
                 entry,
-                idle_rss: pids.iter().map(|p| rss(*p, "VmRSS")).collect(),
+                idle_rss: pids.iter().map(|p| proc_status_bytes(*p, "VmRSS")).collect(),
                 pids,
             });
             children.extend(pair);
@@ -130,7 +132,7 @@ async fn main() {
             paths.push(Path2 {
                 name: "haproxy",
                 entry,
-                idle_rss: pids.iter().map(|p| rss(*p, "VmRSS")).collect(),
+                idle_rss: pids.iter().map(|p| proc_status_bytes(*p, "VmRSS")).collect(),
                 pids,
             });
             children.extend(pair);
@@ -156,9 +158,9 @@ async fn main() {
 }
 
 async fn measure(p: &Path2) -> Figures {
-    let cpu_before: f64 = p.pids.iter().map(|pid| cpu_seconds(*pid)).sum();
+    let cpu_before: f64 = p.pids.iter().map(|pid| proc_cpu_seconds(*pid)).sum();
     let (throughput, done) = h2load(p.entry).await;
-    let cpu_after: f64 = p.pids.iter().map(|pid| cpu_seconds(*pid)).sum();
+    let cpu_after: f64 = p.pids.iter().map(|pid| proc_cpu_seconds(*pid)).sum();
     let cpu_per_10k = if done > 0 {
         (cpu_after - cpu_before) * 10_000.0 / done as f64
     } else {
@@ -223,28 +225,6 @@ async fn h2load(entry: SocketAddr) -> (f64, u64) {
     }
     // Successful answers only: h2load's own req/s counts failures too.
     (done as f64 / RUN_S as f64, done)
-}
-
-/// utime + stime of a process, seconds.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the command name (which may hold spaces) start at field 3.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // utime and stime are fields 14 and 15: indexes 11 and 12 after the name.
-    (ticks(11) + ticks(12)) / 100.0
-}
-
-/// A `/proc/<pid>/status` size field (`VmRSS`, `VmHWM`), bytes.
-fn rss(pid: u32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .unwrap_or(0)
-        * 1024
 }
 
 /// web.pem / backend.pem (leaf + issuer), their keys, HAProxy's combined files and
@@ -476,7 +456,7 @@ fn report(paths: &[Path2], rounds: &[Vec<Figures>]) {
         };
         let mib = |b: u64| format!("{:.1}", b as f64 / (1 << 20) as f64);
         let idle: Vec<String> = p.idle_rss.iter().map(|b| mib(*b)).collect();
-        let peak: Vec<String> = p.pids.iter().map(|pid| mib(rss(*pid, "VmHWM"))).collect();
+        let peak: Vec<String> = p.pids.iter().map(|pid| mib(proc_status_bytes(*pid, "VmHWM"))).collect();
         println!(
             "| {} | {:.0} | {} | {} | {:.2} | {} | {} |",
             p.name,

@@ -15,7 +15,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use wary_proto::discovery::discovery_client::DiscoveryClient;
 use wary_proto::discovery::{DiscoveryRequest, Endpoints, Node, Service};
 use wary_proto::{TypedResource, WILDCARD};
-use wary_tests::{ControlPlane, MeshDir};
+use wary_tests::{ControlPlane, MeshDir, proc_cpu_seconds, proc_status_bytes};
 
 const SERVICES: usize = 1000;
 const ENDPOINTS_PER_SERVICE: usize = 10;
@@ -53,22 +53,8 @@ spec:
     yaml
 }
 
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let t = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (t(11) + t(12)) / 100.0
-}
-
 fn mib(pid: u32, field: &str) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .unwrap_or(0.0)
-        / 1024.0
+    proc_status_bytes(pid, field) as f64 / f64::from(1 << 20)
 }
 
 /// A simulated proxy: subscribes to every Service and Endpoints, ACKs each response,
@@ -130,7 +116,7 @@ async fn main() {
     let idle_rss = mib(pid, "VmRSS");
     let (arrivals_tx, mut arrivals) = mpsc::unbounded_channel();
     let started = Instant::now();
-    let cpu0 = cpu_seconds(pid);
+    let cpu0 = proc_cpu_seconds(pid);
     for i in 0..PROXIES {
         tokio::spawn(proxy(cp.clone(), i, arrivals_tx.clone()));
     }
@@ -148,7 +134,7 @@ async fn main() {
         }
     }
     let sync = started.elapsed();
-    let sync_cpu = cpu_seconds(pid) - cpu0;
+    let sync_cpu = proc_cpu_seconds(pid) - cpu0;
     let synced_rss = mib(pid, "VmRSS");
     println!(
         "{PROXIES} proxies synced {SERVICES} services / {} endpoints in {:.1} s; control plane CPU {sync_cpu:.1} s, RSS {idle_rss:.0} MiB before, {synced_rss:.0} MiB after",
@@ -158,7 +144,7 @@ async fn main() {
 
     let mut latencies = Vec::new();
     let mut lasts = Vec::new();
-    let cpu1 = cpu_seconds(pid);
+    let cpu1 = proc_cpu_seconds(pid);
     for change in 0..CHANGES {
         tokio::time::sleep(Duration::from_secs(1)).await;
         while arrivals.try_recv().is_ok() {}
@@ -183,7 +169,7 @@ async fn main() {
         }
         lasts.push(last.as_secs_f64() * 1000.0);
     }
-    let change_cpu = (cpu_seconds(pid) - cpu1) / CHANGES as f64;
+    let change_cpu = (proc_cpu_seconds(pid) - cpu1) / CHANGES as f64;
     let (p50, p99) = (percentile(&mut latencies, 0.50), percentile(&mut latencies, 0.99));
     let last = percentile(&mut lasts, 1.0);
     println!(

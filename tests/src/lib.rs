@@ -77,6 +77,28 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// A size field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), bytes; 0 when unreadable.
+pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .unwrap_or(0)
+        * 1024
+}
+
+/// User + system CPU time of a process so far, seconds (`/proc/<pid>/stat` fields 14
+/// and 15, in clock ticks of 1/100 s); 0 when unreadable.
+pub fn proc_cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name (which may hold spaces) start at field 3.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| fields.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / 100.0
+}
+
 /// Log lines of a child process, shared with the task that reads them.
 #[derive(Clone, Default)]
 pub struct Logs {
@@ -431,14 +453,9 @@ impl Proxy {
 
     /// Its peak resident memory so far (`VmHWM`), bytes.
     pub fn peak_rss(&self) -> u64 {
-        let pid = self._child.id().expect("the proxy is running");
-        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("read /proc/<pid>/status");
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .expect("VmHWM in /proc/<pid>/status");
-        kib * 1024
+        let bytes = proc_status_bytes(self.pid(), "VmHWM");
+        assert!(bytes > 0, "no VmHWM in /proc/{}/status", self.pid());
+        bytes
     }
 
     /// The certificate as `/config_dump` shows it (identity, validity, issuer, anchors).
