@@ -105,7 +105,7 @@ pub async fn app(args: AppArgs) -> anyhow::Result<()> {
                 async move {
                     Ok::<_, Infallible>(match (&client, req.uri().path()) {
                         (Some(client), _) => frontend(&args, client).await,
-                        (None, "/api/work") => backend(&args).await,
+                        (None, "/api/work") => backend(&args, req.headers().get("wary-client-id")).await,
                         (None, other) => text(StatusCode::NOT_FOUND, format!("{}: no page {other}\n", args.name)),
                     })
                 }
@@ -117,7 +117,13 @@ pub async fn app(args: AppArgs) -> anyhow::Result<()> {
     }
 }
 
-async fn backend(args: &AppArgs) -> Response<Body> {
+/// The backend's answer names the caller the mesh verified (`wary-client-id`, set by
+/// the inbound proxy from the peer's certificate).
+async fn backend(args: &AppArgs, caller: Option<&http::HeaderValue>) -> Response<Body> {
+    let caller = caller
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("an unauthenticated client")
+        .to_string();
     if args.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(args.delay_ms)).await;
     }
@@ -127,7 +133,7 @@ async fn backend(args: &AppArgs) -> Response<Body> {
             format!("{} failed, as it does\n", args.name),
         );
     }
-    text(StatusCode::OK, format!("work done by {}\n", args.name))
+    text(StatusCode::OK, format!("work done by {} for {caller}\n", args.name))
 }
 
 async fn frontend(args: &AppArgs, client: &Client<ToProxy, Empty<Bytes>>) -> Response<Body> {

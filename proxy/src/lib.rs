@@ -19,6 +19,7 @@
 //!   protocol. [`http`] holds what both sides share.
 //! * [`admin`], [`metrics`], [`access`]: what operators see (and access logs, trace
 //!   context); [`drain`]: graceful shutdown.
+//! * [`init`]: the pod's iptables rules (`wary-proxy init`), for transparent mode.
 
 #![forbid(unsafe_code)]
 
@@ -33,6 +34,7 @@ pub mod drain;
 pub mod http;
 pub mod identity;
 pub mod inbound;
+pub mod init;
 pub mod metrics;
 pub mod outbound;
 pub mod outlier;

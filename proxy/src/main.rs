@@ -22,17 +22,33 @@ use wary_proxy::outbound::{Outbound, OutboundConfig};
 use wary_proxy::pool::PeerPool;
 use wary_proxy::{admin::Admin, detect, discovery, identity, metrics as m, state::Cache};
 
-/// Wary's sidecar proxy.
+/// Wary's sidecar proxy. `wary-proxy init` installs a pod's iptables rules
+/// (transparent mode).
 #[derive(Parser, Debug)]
-#[command(version, about)]
+#[command(
+    version,
+    about,
+    args_conflicts_with_subcommands = true,
+    subcommand_negates_reqs = true
+)]
 struct Args {
+    #[command(subcommand)]
+    command: Option<Subcommand>,
     /// The control plane's address (discovery and identity, over TLS).
     #[arg(long, env = "WARY_CONTROL_PLANE", default_value = "https://127.0.0.1:8086")]
     control_plane: String,
     /// The trust bundle (PEM) that verifies the control plane and peers:
     /// `wary-control-plane ca bundle` prints it.
-    #[arg(long, env = "WARY_TRUST_ANCHORS")]
-    trust_anchors: PathBuf,
+    #[arg(long, env = "WARY_TRUST_ANCHORS", required_unless_present = "trust_anchors_pem")]
+    trust_anchors: Option<PathBuf>,
+    /// The trust bundle itself (PEM), instead of a file: what the injector sets.
+    #[arg(
+        long,
+        env = "WARY_TRUST_ANCHORS_PEM",
+        conflicts_with = "trust_anchors",
+        hide_env_values = true
+    )]
+    trust_anchors_pem: Option<String>,
     /// This workload's join token (`wary-control-plane token --workload NAME`).
     #[arg(
         long,
@@ -52,8 +68,8 @@ struct Args {
     #[arg(long, env = "WARY_CONTROL_PLANE_IDENTITY")]
     control_plane_identity: Option<String>,
     /// The workload this proxy fronts (its `Workload` document or pod name).
-    #[arg(long, env = "WARY_WORKLOAD")]
-    workload: String,
+    #[arg(long, env = "WARY_WORKLOAD", required = true)]
+    workload: Option<String>,
     /// The workload's namespace.
     #[arg(long, env = "WARY_NAMESPACE", default_value = "default")]
     namespace: String,
@@ -112,6 +128,63 @@ struct Args {
     worker_threads: Option<u16>,
 }
 
+#[derive(clap::Subcommand, Debug)]
+enum Subcommand {
+    /// Install the pod's iptables rules: inbound TCP to the inbound port, outbound TCP
+    /// to the outbound port, except the proxy's own connections and skipped ports.
+    /// Needs NET_ADMIN and NET_RAW; run once per pod, before the app (the injected init
+    /// step). Running it again replaces the rules.
+    Init(InitArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct InitArgs {
+    /// The UID the proxy runs as: its connections are never redirected.
+    #[arg(long, env = "WARY_PROXY_UID", default_value_t = wary_proxy::init::DEFAULT_PROXY_UID)]
+    proxy_uid: u32,
+    /// The proxy's inbound (mTLS) port: inbound TCP is redirected here.
+    #[arg(long, env = "WARY_INBOUND_PORT", default_value_t = 4143)]
+    inbound_port: u16,
+    /// The proxy's outbound port: outbound TCP is redirected here.
+    #[arg(long, env = "WARY_OUTBOUND_PORT", default_value_t = 4140)]
+    outbound_port: u16,
+    /// The proxy's admin port, never redirected inbound (probes, Prometheus).
+    #[arg(long, env = "WARY_ADMIN_PORT", default_value_t = 4191)]
+    admin_port: u16,
+    /// More inbound ports left alone, comma-separated (e.g. 22).
+    #[arg(long, env = "WARY_SKIP_INBOUND_PORTS", value_parser = PortList::parse, default_value = "")]
+    skip_inbound_ports: PortList,
+    /// Outbound ports left alone, comma-separated (e.g. 5432 for a database outside
+    /// the mesh).
+    #[arg(long, env = "WARY_SKIP_OUTBOUND_PORTS", value_parser = PortList::parse, default_value = "")]
+    skip_outbound_ports: PortList,
+    /// Print the rules (iptables-restore input) instead of installing them.
+    #[arg(long)]
+    print: bool,
+}
+
+fn init(args: InitArgs) -> anyhow::Result<()> {
+    let mut skip_inbound = vec![args.admin_port];
+    skip_inbound.extend(args.skip_inbound_ports.0);
+    let rules = wary_proxy::init::Rules {
+        proxy_uid: args.proxy_uid,
+        inbound_port: args.inbound_port,
+        outbound_port: args.outbound_port,
+        skip_inbound_ports: skip_inbound,
+        skip_outbound_ports: args.skip_outbound_ports.0,
+    };
+    if args.print {
+        print!("{}", rules.restore_input());
+        return Ok(());
+    }
+    rules.apply()?;
+    eprintln!(
+        "wary-proxy init: installed the iptables rules (inbound to :{}, outbound to :{}, UID {} exempt)",
+        args.inbound_port, args.outbound_port, args.proxy_uid
+    );
+    Ok(())
+}
+
 /// A comma-separated list of ports; empty for none.
 #[derive(Debug, Clone)]
 struct PortList(Vec<u16>);
@@ -138,7 +211,10 @@ impl std::fmt::Display for PortList {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if let Some(Subcommand::Init(init_args)) = args.command.take() {
+        return init(init_args);
+    }
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.worker_threads {
         runtime.worker_threads(usize::from(n));
@@ -197,14 +273,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
             "no join token: set WARY_JOIN_TOKEN or --join-token-file (mint one with `wary-control-plane token --workload NAME`)"
         ),
     };
-    let anchors = std::fs::read_to_string(&args.trust_anchors).with_context(|| {
-        format!(
-            "cannot read --trust-anchors {}: print the bundle with `wary-control-plane ca bundle`",
-            args.trust_anchors.display()
-        )
-    })?;
-    let bundle =
-        TrustBundle::from_pem(&anchors).with_context(|| format!("--trust-anchors {}", args.trust_anchors.display()))?;
+    // Required by clap unless a subcommand runs.
+    let workload = args.workload.context("--workload is required")?;
+    let (anchors, origin) = match (&args.trust_anchors, args.trust_anchors_pem) {
+        (Some(file), _) => (
+            std::fs::read_to_string(file).with_context(|| {
+                format!(
+                    "cannot read --trust-anchors {}: print the bundle with `wary-control-plane ca bundle`",
+                    file.display()
+                )
+            })?,
+            format!("--trust-anchors {}", file.display()),
+        ),
+        (None, Some(pem)) => (pem, "WARY_TRUST_ANCHORS_PEM".to_string()),
+        (None, None) => bail!("--trust-anchors FILE (or WARY_TRUST_ANCHORS_PEM) is required"),
+    };
+    let bundle = TrustBundle::from_pem(&anchors).with_context(|| origin.clone())?;
     let creds = Credentials::new(bundle)?;
     let trust_domain = TrustDomain::new(&args.trust_domain)?;
     let cp_identity: SpiffeId = match args.control_plane_identity {
@@ -216,10 +300,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     let id = args
         .id
-        .unwrap_or_else(|| format!("{}.{}/{}", args.workload, args.namespace, std::process::id()));
+        .unwrap_or_else(|| format!("{}.{}/{}", workload, args.namespace, std::process::id()));
     let node = Node {
         id,
-        workload: args.workload,
+        workload,
         namespace: args.namespace,
         proxy_version: env!("CARGO_PKG_VERSION").to_string(),
     };
@@ -300,7 +384,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (certified_tx, certified) = tokio::sync::oneshot::channel();
     let mut identity_config = IdentityConfig::new(control_plane, token);
     // Re-read on fallback to the join token: it may hold anchors this proxy lacks.
-    identity_config.trust_anchors = Some(args.trust_anchors.clone());
+    identity_config.trust_anchors = args.trust_anchors.clone();
     tokio::spawn(identity::run(identity_config, creds, move || {
         let _ = certified_tx.send(());
     }));

@@ -5,9 +5,9 @@
 //!
 //! The test re-runs itself inside the namespace (`ip netns exec`), so the control
 //! plane, both proxies, the servers and the clients all live there; the host's network
-//! is never touched. Until `wary-proxy init` installs a pod's rules (issue 11), the rule
-//! here redirects only connections from the client workload's address, so the proxies'
-//! own connections pass untouched, as the owner match of the real rules arranges.
+//! is never touched. The rule here redirects only connections from the client
+//! workload's address, so the proxies' own connections pass untouched; `pods.rs` runs
+//! the real rules `wary-proxy init` installs, two pods apart.
 
 use std::net::SocketAddr;
 use std::process::Command;
