@@ -14,6 +14,8 @@
 //!   tokens, and `Identity.Certify`.
 //! * [`tls_listener`]: TLS 1.3 in front of the gRPC server.
 //! * [`admin`], [`metrics`]: what operators see.
+//! * [`inject`], [`webhook`]: sidecar injection, offline (`wary inject`) and as the
+//!   mutating admission webhook.
 
 #![forbid(unsafe_code)]
 
@@ -23,6 +25,7 @@ pub mod config_watch;
 pub mod discovery;
 pub mod duration;
 pub mod identity;
+pub mod inject;
 pub mod local;
 pub mod metrics;
 pub mod policy;
@@ -31,3 +34,4 @@ pub mod snapshot;
 pub mod source;
 pub mod tls_listener;
 pub mod tokens;
+pub mod webhook;

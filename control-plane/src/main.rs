@@ -52,6 +52,40 @@ struct Args {
     /// Log format: `text` or `json`. The level is set with RUST_LOG (default `info`).
     #[arg(long, env = "WARY_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    #[command(flatten)]
+    webhook: WebhookArgs,
+}
+
+/// The sidecar-injection webhook (off unless --webhook-addr is given).
+#[derive(clap::Args, Debug)]
+struct WebhookArgs {
+    /// Serve the mutating admission webhook (`POST /inject`, over TLS) here, e.g.
+    /// 0.0.0.0:9443 (what the chart sets).
+    #[arg(long, env = "WARY_WEBHOOK_ADDR", requires_all = ["webhook_cert", "webhook_key"])]
+    webhook_addr: Option<SocketAddr>,
+    /// The webhook's TLS certificate chain (PEM), for its Service's DNS name.
+    #[arg(long, env = "WARY_WEBHOOK_CERT")]
+    webhook_cert: Option<PathBuf>,
+    /// The webhook's TLS private key (PEM).
+    #[arg(long, env = "WARY_WEBHOOK_KEY")]
+    webhook_key: Option<PathBuf>,
+    /// The image injected proxies (and their init step) run.
+    #[arg(long, env = "WARY_PROXY_IMAGE")]
+    proxy_image: Option<String>,
+    /// Its pull policy: Always, IfNotPresent or Never.
+    #[arg(long, env = "WARY_PROXY_IMAGE_PULL_POLICY", default_value = "IfNotPresent")]
+    proxy_image_pull_policy: String,
+    /// The discovery URL injected proxies dial.
+    #[arg(
+        long,
+        env = "WARY_INJECT_CONTROL_PLANE_URL",
+        default_value = "https://wary-control-plane.wary-system.svc:8086"
+    )]
+    inject_control_plane_url: String,
+    /// Inject the proxy as a native sidecar (an init container with restartPolicy:
+    /// Always; Kubernetes 1.29 and later); false: as the first regular container.
+    #[arg(long, env = "WARY_NATIVE_SIDECARS", default_value_t = true, action = clap::ArgAction::Set)]
+    native_sidecars: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -187,12 +221,6 @@ async fn main() -> anyhow::Result<()> {
             dir.display()
         );
     }
-    if !dir.exists() {
-        bail!(
-            "--config-dir {}: does not exist; point it at a directory of YAML documents (e.g. examples/quickstart)",
-            dir.display()
-        );
-    }
     if !dir.is_dir() {
         bail!(
             "--config-dir {}: not a directory; point it at a directory of YAML documents (e.g. examples/quickstart)",
@@ -273,10 +301,42 @@ async fn main() -> anyhow::Result<()> {
     };
     tokio::spawn(admin.serve(admin_listener));
 
-    tracing::info!(%discovery_addr, %admin_addr, dir = %dir.display(), "control plane started");
+    let webhook_addr = match args.webhook.webhook_addr {
+        None => None,
+        Some(addr) => {
+            let w = &args.webhook;
+            let (cert, key) = (w.webhook_cert.as_deref(), w.webhook_key.as_deref());
+            let tls = wary_control_plane::webhook::tls_config(
+                cert.context("--webhook-cert is required with --webhook-addr")?,
+                key.context("--webhook-key is required with --webhook-addr")?,
+            )?;
+            let listener = TcpListener::bind(addr).await.with_context(|| {
+                format!("cannot listen on {addr} for the webhook: pick another with --webhook-addr")
+            })?;
+            let bound = listener.local_addr()?;
+            let defaults = wary_control_plane::inject::InjectConfig::default();
+            let webhook = wary_control_plane::webhook::Webhook {
+                config: wary_control_plane::inject::InjectConfig {
+                    image: w.proxy_image.clone().unwrap_or(defaults.image.clone()),
+                    image_pull_policy: w.proxy_image_pull_policy.clone(),
+                    control_plane: w.inject_control_plane_url.clone(),
+                    trust_domain: mesh.trust_domain.to_string(),
+                    trust_anchors_pem: ca.current()?.bundle.to_pem().replace("\r\n", "\n"),
+                    native_sidecar: w.native_sidecars,
+                    ..defaults
+                },
+                // Local mode knows no namespaces: only pod labels ask for injection.
+                namespace_labels: Arc::new(|_| None),
+            };
+            tokio::spawn(Arc::new(webhook).serve(listener, tls));
+            Some(bound)
+        }
+    };
+    tracing::info!(%discovery_addr, %admin_addr, ?webhook_addr, dir = %dir.display(), "control plane started");
     // One machine-readable line on stdout, for scripts and tests that pick port 0.
+    let webhook_field = webhook_addr.map(|a| format!(" webhook={a}")).unwrap_or_default();
     println!(
-        "wary-control-plane discovery={discovery_addr} admin={admin_addr} trust_anchors={}",
+        "wary-control-plane discovery={discovery_addr} admin={admin_addr} trust_anchors={}{webhook_field}",
         ca_dir.join("trust-bundle.pem").display()
     );
 

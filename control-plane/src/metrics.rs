@@ -38,6 +38,10 @@ pub const STREAMS_REFUSED: &str = "wary_control_plane_discovery_streams_refused_
 /// seconds (the push's round trip, the proxy's validation included).
 pub const PUSH_SECONDS: &str = "wary_control_plane_push_seconds";
 
+/// Counter, by `outcome` (`injected`, `skipped`, `refused`): pods the admission
+/// webhook answered.
+pub const INJECTIONS: &str = "wary_control_plane_injections_total";
+
 /// Registers the help text and unit of every metric.
 pub fn describe() {
     metrics::describe_histogram!(
@@ -87,5 +91,10 @@ pub fn describe() {
         CERTIFICATES_ISSUED,
         Unit::Count,
         "Certificate requests (Identity.Certify), by result: ok, denied, unauthenticated, error."
+    );
+    describe_counter!(
+        INJECTIONS,
+        Unit::Count,
+        "Pods the admission webhook answered, by outcome: injected, skipped, refused."
     );
 }

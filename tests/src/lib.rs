@@ -77,6 +77,45 @@ pub fn binary(name: &str) -> PathBuf {
     path
 }
 
+/// The Python with helm-python-sdk and kubernetes-validate (the chart tests):
+/// `WARY_TEST_PYTHON`, which `scripts/test` sets after installing them in
+/// `target/pyenv`, else that venv's.
+pub fn python() -> PathBuf {
+    let path = std::env::var_os("WARY_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target/pyenv/bin/python"));
+    assert!(
+        path.exists(),
+        "{} is missing: run scripts/test, which installs helm-python-sdk and kubernetes-validate there",
+        path.display()
+    );
+    path
+}
+
+/// Renders and lints `charts/wary` with the real Helm library and validates every
+/// manifest it renders, and `manifests`, with `kubernetes-validate --strict` against
+/// Kubernetes 1.29 and the newest version it knows (`tests/chart/check.py`). Returns
+/// its report; fails the test with it on any problem.
+pub fn check_chart(manifests: &[&Path]) -> String {
+    let root = workspace_root();
+    let out = std::process::Command::new(python())
+        .arg(root.join("tests/chart/check.py"))
+        .arg(root.join("charts/wary"))
+        .args(manifests)
+        .output()
+        .expect("run tests/chart/check.py");
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "the chart or a manifest does not validate:\n{report}"
+    );
+    report
+}
+
 /// A size field of `/proc/<pid>/status` (`VmRSS`, `VmHWM`), bytes; 0 when unreadable.
 pub fn proc_status_bytes(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -171,6 +210,8 @@ pub struct ControlPlane {
     pub trust_anchors: PathBuf,
     /// The CA directory.
     pub ca_dir: PathBuf,
+    /// The admission webhook's address, when started with `--webhook-addr`.
+    pub webhook: Option<SocketAddr>,
     /// Its stderr (logs), line by line.
     pub logs: Logs,
 }
@@ -188,7 +229,13 @@ impl ControlPlane {
 
     /// As [`ControlPlane::start_at`], logging at `rust_log` (benchmarks use `warn`).
     pub async fn start_logging(mesh: &MeshDir, discovery: SocketAddr, rust_log: &str) -> Self {
+        Self::start_with_args(mesh, discovery, rust_log, &[]).await
+    }
+
+    /// As [`ControlPlane::start_logging`], with more command-line arguments.
+    pub async fn start_with_args(mesh: &MeshDir, discovery: SocketAddr, rust_log: &str, args: &[&str]) -> Self {
         let mut child = Command::new(binary("wary-control-plane"))
+            .args(args)
             .arg("--config-dir")
             .arg(mesh.path())
             .arg("--ca-dir")
@@ -214,6 +261,10 @@ impl ControlPlane {
             admin: field(&line, "admin="),
             trust_anchors,
             ca_dir: mesh.ca_path().to_path_buf(),
+            webhook: line
+                .split_whitespace()
+                .find_map(|w| w.strip_prefix("webhook="))
+                .map(|a| a.parse().expect("the webhook's address")),
             child,
             logs,
         }

@@ -1,0 +1,400 @@
+//! Sidecar injection: what the mutating admission webhook adds to a pod, and what
+//! `wary inject` adds to a manifest offline — one function, [`patch`], for both.
+//!
+//! ```text
+//! pod (or a workload's pod template)
+//!   ├─ labelled wary.io/inject=disabled, or already holding wary-proxy ─▶ unchanged
+//!   └─ otherwise ─▶ + init container wary-init (`wary-proxy init`: iptables, NET_ADMIN)
+//!                   + wary-proxy: a native sidecar (an init container with
+//!                     restartPolicy: Always, Kubernetes ≥ 1.29) or, where the cluster
+//!                     lacks them, the first regular container
+//!                   + the projected service-account token (audience wary.io), the
+//!                     WARY_* environment, probes on the admin port 4191
+//!                   + prometheus.io/* scrape annotations (unless the pod sets them)
+//! ```
+//!
+//! The patch is the JSON Patch (RFC 6902) from the pod as sent to the pod with the
+//! sidecar, computed by `json-patch`'s diff, so fields this build does not know are
+//! never touched. Annotations a pod may carry (after Linkerd's `config.linkerd.io/*`):
+//! `config.wary.io/skip-inbound-ports`, `config.wary.io/skip-outbound-ports` (for
+//! the init step's rules) and `config.wary.io/opaque-ports` (for the proxy's
+//! detection).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
+    ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use serde_json::Value;
+
+/// The label that asks for injection, on a namespace or a pod: `enabled`; on a pod,
+/// `disabled` opts it out of an enabled namespace.
+pub const INJECT_LABEL: &str = "wary.io/inject";
+/// The proxy container's name; its presence marks a pod as injected.
+pub const PROXY_CONTAINER: &str = "wary-proxy";
+/// The init step's container name.
+pub const INIT_CONTAINER: &str = "wary-init";
+/// Annotation: more inbound ports the init step leaves alone, comma-separated.
+pub const SKIP_INBOUND_PORTS: &str = "config.wary.io/skip-inbound-ports";
+/// Annotation: outbound ports the init step leaves alone, comma-separated.
+pub const SKIP_OUTBOUND_PORTS: &str = "config.wary.io/skip-outbound-ports";
+/// Annotation: ports the proxy carries as opaque TCP without detection.
+pub const OPAQUE_PORTS: &str = "config.wary.io/opaque-ports";
+/// The audience of the projected service-account token the proxy proves itself with.
+pub const TOKEN_AUDIENCE: &str = "wary.io";
+/// Where that token is mounted in the proxy container.
+pub const TOKEN_DIR: &str = "/var/run/secrets/wary.io/serviceaccount";
+/// The proxy's admin port (probes, `/metrics`).
+pub const ADMIN_PORT: u16 = 4191;
+/// The proxy's inbound (mTLS) port.
+pub const INBOUND_PORT: u16 = 4143;
+/// The proxy's outbound port.
+pub const OUTBOUND_PORT: u16 = 4140;
+
+/// What every injected proxy is given: the chart's values (`proxy.*`), or
+/// `wary inject`'s flags.
+#[derive(Debug, Clone, PartialEq)]
+pub struct InjectConfig {
+    /// The proxy image (it also runs the init step).
+    pub image: String,
+    /// `Always`, `IfNotPresent` or `Never`; default `IfNotPresent`.
+    pub image_pull_policy: String,
+    /// The control plane's discovery URL, e.g.
+    /// `https://wary-control-plane.wary-system.svc:8086`.
+    pub control_plane: String,
+    /// The mesh's trust domain; default `cluster.local`.
+    pub trust_domain: String,
+    /// The trust bundle (PEM) the proxy verifies the control plane and peers with,
+    /// passed inline in `WARY_TRUST_ANCHORS_PEM` (a pod cannot mount another
+    /// namespace's ConfigMap).
+    pub trust_anchors_pem: String,
+    /// The proxy's UID, exempt from the outbound redirect; default 2102.
+    pub proxy_uid: i64,
+    /// Inject the proxy as a native sidecar (Kubernetes ≥ 1.29); default true.
+    pub native_sidecar: bool,
+    /// The proxy's CPU request; default `100m`.
+    pub cpu_request: String,
+    /// The proxy's memory request; default `32Mi`.
+    pub memory_request: String,
+    /// The proxy's memory limit; default `256Mi` (its memory is bounded by design).
+    pub memory_limit: String,
+}
+
+impl Default for InjectConfig {
+    fn default() -> Self {
+        Self {
+            image: format!("ghcr.io/wary-mesh/wary-proxy:{}", env!("CARGO_PKG_VERSION")),
+            image_pull_policy: "IfNotPresent".into(),
+            control_plane: "https://wary-control-plane.wary-system.svc:8086".into(),
+            trust_domain: "cluster.local".into(),
+            trust_anchors_pem: String::new(),
+            proxy_uid: i64::from(crate::inject::DEFAULT_PROXY_UID),
+            native_sidecar: true,
+            cpu_request: "100m".into(),
+            memory_request: "32Mi".into(),
+            memory_limit: "256Mi".into(),
+        }
+    }
+}
+
+/// The proxy's UID by default: 2102, as Linkerd's (and `wary-proxy init`'s default).
+pub const DEFAULT_PROXY_UID: u32 = 2102;
+
+/// Why a pod was left as it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Skipped {
+    /// It already runs `wary-proxy`.
+    AlreadyInjected,
+    /// It is labelled `wary.io/inject: disabled`.
+    OptedOut,
+    /// Neither it nor its namespace asks for injection.
+    NotRequested,
+    /// It shares the node's network (`hostNetwork`): iptables rules would capture the
+    /// node's traffic.
+    HostNetwork,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Skipped::AlreadyInjected => "already injected",
+            Skipped::OptedOut => "labelled wary.io/inject=disabled",
+            Skipped::NotRequested => "neither the pod nor its namespace is labelled wary.io/inject=enabled",
+            Skipped::HostNetwork => "it uses the host's network",
+        })
+    }
+}
+
+/// A pod (or pod template) the injector cannot read.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot inject this pod: {0}")]
+pub struct InjectError(String);
+
+/// Whether a pod whose labels are `pod_labels`, in a namespace labelled
+/// `namespace_labels` (`None`: unknown, as offline), asks for injection.
+pub fn requested(
+    pod_labels: &BTreeMap<String, String>,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+) -> Result<(), Skipped> {
+    match pod_labels.get(INJECT_LABEL).map(String::as_str) {
+        Some("disabled") => Err(Skipped::OptedOut),
+        Some("enabled") => Ok(()),
+        _ => match namespace_labels {
+            None => Ok(()),
+            Some(ns) if ns.get(INJECT_LABEL).map(String::as_str) == Some("enabled") => Ok(()),
+            Some(_) => Err(Skipped::NotRequested),
+        },
+    }
+}
+
+/// The JSON Patch that adds the sidecar to `template` (a Pod, or a workload's pod
+/// template: any object with `metadata` and `spec` of a PodSpec), or why none is
+/// needed. `namespace_labels` is `None` offline (`wary inject` injects what it is
+/// given); the webhook passes the pod's namespace's labels.
+///
+/// # Errors
+/// The object is not a pod (no readable `spec`), or an annotation holds something
+/// other than a port list; the message names it.
+pub fn patch(
+    template: &Value,
+    namespace_labels: Option<&BTreeMap<String, String>>,
+    config: &InjectConfig,
+) -> Result<Result<json_patch::Patch, Skipped>, InjectError> {
+    let original: PodTemplateSpec =
+        serde_json::from_value(template.clone()).map_err(|e| InjectError(format!("it is not a pod: {e}")))?;
+    let mut pod = original.clone();
+    let meta = pod.metadata.get_or_insert_with(ObjectMeta::default);
+    let Some(spec) = pod.spec.as_mut() else {
+        return Err(InjectError("it has no spec".into()));
+    };
+    let labels = meta.labels.clone().unwrap_or_default();
+    if let Err(skipped) = requested(&labels, namespace_labels) {
+        return Ok(Err(skipped));
+    }
+    let has_proxy = |cs: &Option<Vec<Container>>| cs.iter().flatten().any(|c| c.name == PROXY_CONTAINER);
+    if has_proxy(&spec.init_containers) || has_proxy(&Some(spec.containers.clone())) {
+        return Ok(Err(Skipped::AlreadyInjected));
+    }
+    if spec.host_network == Some(true) {
+        return Ok(Err(Skipped::HostNetwork));
+    }
+    let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
+    let ports = |key: &str| -> Result<String, InjectError> {
+        let Some(v) = annotations.get(key) else {
+            return Ok(String::new());
+        };
+        for p in v.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            if !matches!(p.parse::<u16>(), Ok(1..)) {
+                return Err(InjectError(format!(
+                    "annotation {key}: {p:?} is not a port (1-65535); give ports like \"25,3306\""
+                )));
+            }
+        }
+        Ok(v.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .collect::<Vec<_>>()
+            .join(","))
+    };
+    let (skip_in, skip_out, opaque) = (
+        ports(SKIP_INBOUND_PORTS)?,
+        ports(SKIP_OUTBOUND_PORTS)?,
+        ports(OPAQUE_PORTS)?,
+    );
+    for (key, value) in [
+        ("prometheus.io/scrape", "true".to_string()),
+        ("prometheus.io/port", ADMIN_PORT.to_string()),
+        ("prometheus.io/path", "/metrics".to_string()),
+    ] {
+        annotations.entry(key.to_string()).or_insert(value);
+    }
+    annotations.insert("wary.io/proxy-version".into(), env!("CARGO_PKG_VERSION").into());
+    add_sidecar(spec, config, &skip_in, &skip_out, &opaque);
+
+    let before = serde_json::to_value(&original).map_err(|e| InjectError(e.to_string()))?;
+    let after = serde_json::to_value(&pod).map_err(|e| InjectError(e.to_string()))?;
+    Ok(Ok(json_patch::diff(&before, &after)))
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        ..EnvVar::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                ..ObjectFieldSelector::default()
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn http_probe(path: &str, period_s: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::Int(i32::from(ADMIN_PORT)),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period_s),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn add_sidecar(spec: &mut PodSpec, config: &InjectConfig, skip_in: &str, skip_out: &str, opaque: &str) {
+    let token_volume = "wary-identity-token";
+    spec.volumes.get_or_insert_with(Vec::new).extend([
+        Volume {
+            name: token_volume.into(),
+            projected: Some(ProjectedVolumeSource {
+                sources: Some(vec![VolumeProjection {
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        audience: Some(TOKEN_AUDIENCE.into()),
+                        expiration_seconds: Some(3600),
+                        path: "token".into(),
+                        ..ServiceAccountTokenProjection::default()
+                    }),
+                    ..VolumeProjection::default()
+                }]),
+                ..ProjectedVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        Volume {
+            name: "wary-xtables-lock".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Volume::default()
+        },
+    ]);
+
+    let mut init_args = vec!["init".to_string(), "--proxy-uid".into(), config.proxy_uid.to_string()];
+    if !skip_in.is_empty() {
+        init_args.extend(["--skip-inbound-ports".into(), skip_in.into()]);
+    }
+    if !skip_out.is_empty() {
+        init_args.extend(["--skip-outbound-ports".into(), skip_out.into()]);
+    }
+    let init = Container {
+        name: INIT_CONTAINER.into(),
+        image: Some(config.image.clone()),
+        image_pull_policy: Some(config.image_pull_policy.clone()),
+        args: Some(init_args),
+        security_context: Some(SecurityContext {
+            // iptables needs root with NET_ADMIN and NET_RAW, and nothing else.
+            run_as_user: Some(0),
+            run_as_non_root: Some(false),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                add: Some(vec!["NET_ADMIN".into(), "NET_RAW".into()]),
+                drop: Some(vec!["ALL".into()]),
+            }),
+            ..SecurityContext::default()
+        }),
+        // iptables' lock file, on a read-only root.
+        volume_mounts: Some(vec![VolumeMount {
+            name: "wary-xtables-lock".into(),
+            mount_path: "/run".into(),
+            ..VolumeMount::default()
+        }]),
+        resources: Some(requests(config)),
+        ..Container::default()
+    };
+
+    let mut proxy_env = vec![
+        field_env("WARY_WORKLOAD", "metadata.name"),
+        field_env("WARY_NAMESPACE", "metadata.namespace"),
+        field_env("POD_IP", "status.podIP"),
+        env("WARY_INBOUND_ADDR", format!("$(POD_IP):{INBOUND_PORT}")),
+        env("WARY_OUTBOUND_ADDR", format!("127.0.0.1:{OUTBOUND_PORT}")),
+        // Probes and Prometheus reach it on the pod IP; POST /shutdown still only
+        // from loopback.
+        env("WARY_ADMIN_ADDR", format!("0.0.0.0:{ADMIN_PORT}")),
+        env("WARY_CONTROL_PLANE", config.control_plane.clone()),
+        env("WARY_TRUST_DOMAIN", config.trust_domain.clone()),
+        env("WARY_TRUST_ANCHORS_PEM", config.trust_anchors_pem.clone()),
+        env("WARY_JOIN_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
+        env("WARY_LOG_FORMAT", "json"),
+    ];
+    if !opaque.is_empty() {
+        proxy_env.push(env("WARY_OPAQUE_PORTS", opaque));
+    }
+    let port = |name: &str, port: u16| ContainerPort {
+        name: Some(name.into()),
+        container_port: i32::from(port),
+        ..ContainerPort::default()
+    };
+    let proxy = Container {
+        name: PROXY_CONTAINER.into(),
+        image: Some(config.image.clone()),
+        image_pull_policy: Some(config.image_pull_policy.clone()),
+        env: Some(proxy_env),
+        ports: Some(vec![port("wary-inbound", INBOUND_PORT), port("wary-admin", ADMIN_PORT)]),
+        // The app starts once the proxy holds its certificate and configuration.
+        startup_probe: Some(http_probe("/ready", 1, 120)),
+        readiness_probe: Some(http_probe("/ready", 10, 3)),
+        liveness_probe: Some(http_probe("/live", 10, 3)),
+        restart_policy: config.native_sidecar.then(|| "Always".to_string()),
+        security_context: Some(SecurityContext {
+            run_as_user: Some(config.proxy_uid),
+            run_as_group: Some(config.proxy_uid),
+            run_as_non_root: Some(true),
+            allow_privilege_escalation: Some(false),
+            read_only_root_filesystem: Some(true),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                ..Capabilities::default()
+            }),
+            ..SecurityContext::default()
+        }),
+        volume_mounts: Some(vec![VolumeMount {
+            name: token_volume.into(),
+            mount_path: TOKEN_DIR.into(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        }]),
+        resources: Some(ResourceRequirements {
+            limits: Some(BTreeMap::from([(
+                "memory".to_string(),
+                Quantity(config.memory_limit.clone()),
+            )])),
+            ..requests(config)
+        }),
+        ..Container::default()
+    };
+
+    // The init step runs before any other init container (theirs may make network
+    // calls), and the native sidecar right after it, so it serves them too.
+    let inits = spec.init_containers.get_or_insert_with(Vec::new);
+    if config.native_sidecar {
+        inits.splice(0..0, [init, proxy]);
+    } else {
+        inits.insert(0, init);
+        spec.containers.insert(0, proxy);
+    }
+}
+
+fn requests(config: &InjectConfig) -> ResourceRequirements {
+    ResourceRequirements {
+        requests: Some(BTreeMap::from([
+            ("cpu".to_string(), Quantity(config.cpu_request.clone())),
+            ("memory".to_string(), Quantity(config.memory_request.clone())),
+        ])),
+        ..ResourceRequirements::default()
+    }
+}

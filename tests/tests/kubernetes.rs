@@ -1,0 +1,272 @@
+//! Kubernetes, without a cluster: the Helm chart rendered and linted with the real Helm
+//! library, every manifest validated against the Kubernetes schemas, and the admission
+//! webhook answering real AdmissionReview requests over TLS.
+
+use std::path::Path;
+use std::process::Stdio;
+
+use base64::Engine as _;
+use serde_json::Value;
+use wary_tests::{ControlPlane, MeshDir, binary, check_chart};
+
+/// A TLS certificate for `localhost` and 127.0.0.1, as the chart issues one for the
+/// webhook's Service name: (certificate, key) PEM files in `dir`.
+fn webhook_certificate(dir: &Path) -> (String, String) {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    params
+        .subject_alt_names
+        .push(rcgen::SanType::IpAddress([127, 0, 0, 1].into()));
+    let cert = params.self_signed(&key).unwrap();
+    let (c, k) = (dir.join("webhook.crt"), dir.join("webhook.key"));
+    std::fs::write(&c, cert.pem()).unwrap();
+    std::fs::write(&k, key.serialize_pem()).unwrap();
+    (c.to_str().unwrap().to_string(), k.to_str().unwrap().to_string())
+}
+
+/// POSTs `review` to the webhook with curl (verifying its certificate); the response
+/// review.
+async fn post_review(url: &str, ca: &str, review: &Value) -> Value {
+    let mut curl = tokio::process::Command::new("curl")
+        .args(["-sS", "--fail-with-body", "--max-time", "10", "--cacert", ca])
+        .args(["-H", "Content-Type: application/json", "--data-binary", "@-", url])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run curl");
+    use tokio::io::AsyncWriteExt;
+    let mut stdin = curl.stdin.take().unwrap();
+    stdin.write_all(&serde_json::to_vec(review).unwrap()).await.unwrap();
+    drop(stdin);
+    let out = curl.wait_with_output().await.unwrap();
+    assert!(
+        out.status.success(),
+        "curl {url}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("the webhook answers JSON")
+}
+
+/// The response's JSON Patch, decoded; `None` when it carries none.
+fn patch_of(response: &Value) -> Option<json_patch::Patch> {
+    let encoded = response["response"]["patch"].as_str()?;
+    assert_eq!(response["response"]["patchType"], "JSONPatch");
+    let bytes = base64::engine::general_purpose::STANDARD.decode(encoded).unwrap();
+    Some(serde_json::from_slice(&bytes).expect("a JSON Patch"))
+}
+
+fn fixture(name: &str) -> Value {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("fixtures/admission")
+        .join(name);
+    serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap()
+}
+
+fn names(containers: &Value) -> Vec<&str> {
+    containers
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_injects_labelled_pods_once_and_leaves_others_alone() {
+    let mesh = MeshDir::new();
+    let certs = tempfile::tempdir().unwrap();
+    let (cert, key) = webhook_certificate(certs.path());
+    let cp = ControlPlane::start_with_args(
+        &mesh,
+        "127.0.0.1:0".parse().unwrap(),
+        "info",
+        &[
+            "--webhook-addr",
+            "127.0.0.1:0",
+            "--webhook-cert",
+            &cert,
+            "--webhook-key",
+            &key,
+            "--proxy-image",
+            "registry.example/wary-proxy:test",
+        ],
+    )
+    .await;
+    let url = format!("https://localhost:{}/inject", cp.webhook.expect("webhook=").port());
+
+    // A labelled pod: admitted with a patch that yields the injected pod.
+    let review = fixture("pod-labelled.json");
+    let answer = post_review(&url, &cert, &review).await;
+    assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(answer["kind"], "AdmissionReview");
+    assert_eq!(answer["response"]["uid"], review["request"]["uid"]);
+    assert_eq!(answer["response"]["allowed"], true);
+    let patch = patch_of(&answer).unwrap_or_else(|| panic!("a labelled pod gets a patch: {answer}"));
+    let mut pod = review["request"]["object"].clone();
+    json_patch::patch(&mut pod, &patch).expect("the patch applies to the pod sent");
+
+    let spec = &pod["spec"];
+    assert_eq!(names(&spec["initContainers"]), ["wary-init", "wary-proxy"]);
+    assert_eq!(names(&spec["containers"]), ["orders"], "the app is untouched");
+    let (init, proxy) = (&spec["initContainers"][0], &spec["initContainers"][1]);
+    assert_eq!(
+        init["args"],
+        serde_json::json!(["init", "--proxy-uid", "2102", "--skip-outbound-ports", "5432"])
+    );
+    assert_eq!(
+        init["securityContext"]["capabilities"]["add"],
+        serde_json::json!(["NET_ADMIN", "NET_RAW"])
+    );
+    assert_eq!(proxy["restartPolicy"], "Always", "a native sidecar");
+    assert_eq!(proxy["image"], "registry.example/wary-proxy:test");
+    assert_eq!(proxy["securityContext"]["runAsUser"], 2102);
+    assert_eq!(proxy["startupProbe"]["httpGet"]["path"], "/ready");
+    assert_eq!(proxy["livenessProbe"]["httpGet"]["port"], 4191);
+    let env: std::collections::BTreeMap<&str, &Value> = proxy["env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| (e["name"].as_str().unwrap(), e))
+        .collect();
+    assert_eq!(env["WARY_OPAQUE_PORTS"]["value"], "6379");
+    assert_eq!(env["WARY_INBOUND_ADDR"]["value"], "$(POD_IP):4143");
+    assert_eq!(
+        env["WARY_WORKLOAD"]["valueFrom"]["fieldRef"]["fieldPath"],
+        "metadata.name"
+    );
+    let bundle = std::fs::read_to_string(&cp.trust_anchors).unwrap();
+    assert_eq!(env["WARY_TRUST_ANCHORS_PEM"]["value"], bundle.as_str());
+    assert_eq!(
+        env["WARY_JOIN_TOKEN_FILE"]["value"],
+        "/var/run/secrets/wary.io/serviceaccount/token"
+    );
+    let token = spec["volumes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "wary-identity-token")
+        .expect("the projected token volume");
+    assert_eq!(
+        token["projected"]["sources"][0]["serviceAccountToken"]["audience"],
+        "wary.io"
+    );
+    let annotations = &pod["metadata"]["annotations"];
+    assert_eq!(annotations["prometheus.io/scrape"], "true");
+    assert_eq!(annotations["prometheus.io/port"], "4191");
+    assert_eq!(
+        annotations["config.wary.io/skip-outbound-ports"], "5432",
+        "the pod's own stay"
+    );
+
+    // The patched pod validates against the Kubernetes schemas (1.29 and the newest).
+    let dir = tempfile::tempdir().unwrap();
+    let patched = dir.path().join("patched-pod.yaml");
+    std::fs::write(&patched, serde_yaml::to_string(&pod).unwrap()).unwrap();
+    eprintln!("{}", check_chart(&[&patched]));
+
+    // A second pass (the API server may call again) changes nothing.
+    let mut again = review.clone();
+    again["request"]["object"] = pod.clone();
+    let answer = post_review(&url, &cert, &again).await;
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(patch_of(&answer).is_none(), "a second pass patched: {answer}");
+
+    // A pod without the label is admitted untouched.
+    let answer = post_review(&url, &cert, &fixture("pod-unlabelled.json")).await;
+    assert_eq!(answer["response"]["allowed"], true);
+    assert!(patch_of(&answer).is_none(), "an unlabelled pod was patched: {answer}");
+
+    // A malformed annotation is refused with a message that names it.
+    let mut bad = review.clone();
+    bad["request"]["object"]["metadata"]["annotations"]["config.wary.io/opaque-ports"] = "redis".into();
+    let answer = post_review(&url, &cert, &bad).await;
+    assert_eq!(answer["response"]["allowed"], false);
+    let message = answer["response"]["status"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("config.wary.io/opaque-ports: \"redis\" is not a port"),
+        "{answer}"
+    );
+
+    // Anything but an AdmissionReview is a 400 that says so, and the webhook serves on.
+    let out = tokio::process::Command::new("curl")
+        .args(["-sS", "--max-time", "10", "--cacert", &cert, "-w", "%{http_code}"])
+        .args(["--data-binary", "{\"kind\": 1}", &url])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.ends_with("400") && text.contains("not an AdmissionReview"),
+        "{text}"
+    );
+    let metrics = cp.admin_get("/metrics").await;
+    for outcome in ["injected", "skipped", "refused"] {
+        assert!(
+            metrics.contains(&format!("wary_control_plane_injections_total{{outcome=\"{outcome}\"}}")),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_chart_and_injected_manifests_validate() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = dir.path().join("ca");
+    let cp = binary("wary-control-plane");
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(&cp).args(args).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    run(&["ca", "init", "--ca-dir", ca.to_str().unwrap()]);
+    let anchors = dir.path().join("anchors.pem");
+    std::fs::write(&anchors, run(&["ca", "bundle", "--ca-dir", ca.to_str().unwrap()])).unwrap();
+
+    let manifest = dir.path().join("app.yaml");
+    std::fs::write(
+        &manifest,
+        r#"apiVersion: apps/v1
+kind: Deployment
+metadata: {name: orders, namespace: shop}
+spec:
+  selector: {matchLabels: {app: orders}}
+  template:
+    metadata:
+      labels: {app: orders}
+      annotations: {config.wary.io/skip-inbound-ports: "22"}
+    spec:
+      containers: [{name: orders, image: registry.example/orders:1, ports: [{containerPort: 8080}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: debug, namespace: shop}
+spec:
+  containers: [{name: shell, image: busybox}]
+"#,
+    )
+    .unwrap();
+    let mut outputs = Vec::new();
+    for native in ["true", "false"] {
+        let out = std::process::Command::new(binary("wary"))
+            .args(["inject", "--native-sidecars", native, "--trust-anchors"])
+            .arg(&anchors)
+            .arg(&manifest)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(text.matches("name: wary-proxy").count(), 2, "{text}");
+        let path = dir.path().join(format!("injected-native-{native}.yaml"));
+        std::fs::write(&path, text).unwrap();
+        outputs.push(path);
+    }
+    let report = check_chart(&outputs.iter().map(|p| p.as_path()).collect::<Vec<_>>());
+    eprintln!("{report}");
+    assert!(report.contains("chart lints clean"), "{report}");
+}
