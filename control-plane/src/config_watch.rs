@@ -135,16 +135,30 @@ pub fn reload(source: &mut ConfigDir, snapshots: &watch::Sender<Arc<Snapshot>>, 
             return;
         }
     };
-    let mut errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
-    let mut warnings = Vec::new();
-    let read = started.elapsed();
-    let computed = resources::compute(&loaded.documents);
+    let errors: Vec<String> = loaded.errors.iter().map(ToString::to_string).collect();
     tracing::debug!(
         documents = loaded.documents.len(),
-        read_ms = read.as_millis(),
-        compute_ms = (started.elapsed() - read).as_millis(),
+        read_ms = started.elapsed().as_millis(),
         "configuration read"
     );
+    publish(&loaded.documents, errors, &dir, snapshots, status);
+}
+
+/// Computes the resources of `documents` and publishes them if they changed; the
+/// source's own `errors` (documents it could not read) are reported with any
+/// cross-document problem, and on such a problem the last good snapshot stays. The
+/// file and Kubernetes sources both end here.
+pub fn publish(
+    documents: &[crate::source::Document],
+    mut errors: Vec<String>,
+    source: &str,
+    snapshots: &watch::Sender<Arc<Snapshot>>,
+    status: &watch::Sender<ConfigStatus>,
+) {
+    let mut warnings = Vec::new();
+    let started = std::time::Instant::now();
+    let computed = resources::compute(documents);
+    tracing::debug!(compute_ms = started.elapsed().as_millis(), "resources computed");
     match computed {
         Ok((snapshot, warns)) => {
             warnings = warns.iter().map(ToString::to_string).collect();
@@ -174,7 +188,7 @@ pub fn reload(source: &mut ConfigDir, snapshots: &watch::Sender<Arc<Snapshot>>, 
     for w in &warnings {
         tracing::warn!("{w}");
     }
-    record(status, &dir, errors, warnings, snapshots);
+    record(status, source, errors, warnings, snapshots);
 }
 
 fn record(

@@ -51,6 +51,10 @@ pub struct WorkloadRef {
     pub namespace: String,
     /// Its name.
     pub name: String,
+    /// The service account the proof says it runs as, when the proof says (a
+    /// Kubernetes token does; a join token names only the workload). It must be the
+    /// workload's configured one.
+    pub service_account: Option<String>,
 }
 
 /// A proof of who a workload is. Its `Debug` never shows the token.
@@ -97,6 +101,7 @@ impl ProofVerifier for JoinTokens {
                 Ok(WorkloadRef {
                     namespace: subject.namespace,
                     name: subject.workload,
+                    service_account: None,
                 })
             }
             Proof::ServiceAccountToken(_) => Err(Status::unimplemented(
@@ -197,7 +202,16 @@ impl IdentityService {
             }
             Some(certify_request::Proof::ServiceAccountToken(t)) => {
                 let w = self.verifier.verify(&Proof::ServiceAccountToken(t)).await?;
-                self.identity_of(&w)?
+                let id = self.identity_of(&w)?;
+                if let Some(sa) = &w.service_account
+                    && sa != id.service_account()
+                {
+                    return Err(Status::permission_denied(format!(
+                        "the token is for service account {}/{sa}, but pod {}/{} runs as {id}",
+                        w.namespace, w.namespace, w.name
+                    )));
+                }
+                id
             }
             // Renewal: the handshake already verified this certificate against the bundle;
             // the identity must still belong to a configured workload.
@@ -297,4 +311,74 @@ pub fn issue_own(
         .set_certificate(vec![cert], &key, Some(identity))
         .map_err(|e| e.to_string())?;
     Ok(())
+}
+
+/// Verifies Kubernetes service-account tokens with the API server's TokenReview
+/// (audience `wary.io`, bound to a pod: what the injector projects), in `--kubernetes`
+/// mode. The pod named in the token is the workload; the token's service account must
+/// be the pod's.
+pub struct TokenReviews(pub kube::Client);
+
+/// The audience a proxy's token must be issued for.
+pub const TOKEN_AUDIENCE: &str = crate::inject::TOKEN_AUDIENCE;
+
+#[tonic::async_trait]
+impl ProofVerifier for TokenReviews {
+    async fn verify(&self, proof: &Proof) -> Result<WorkloadRef, Status> {
+        use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+        let Proof::ServiceAccountToken(token) = proof else {
+            return Err(Status::unimplemented(
+                "join tokens are for local mode; in a cluster the proxy proves itself with its service-account token (WARY_SERVICE_ACCOUNT_TOKEN_FILE)",
+            ));
+        };
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.clone(),
+                audiences: Some(vec![TOKEN_AUDIENCE.to_string()]),
+            },
+            ..TokenReview::default()
+        };
+        let api: kube::Api<TokenReview> = kube::Api::all(self.0.clone());
+        let reviewed = api
+            .create(&kube::api::PostParams::default(), &review)
+            .await
+            .map_err(|e| Status::unavailable(format!("cannot review the token with the API server: {e}")))?;
+        let status = reviewed.status.unwrap_or_default();
+        if status.authenticated != Some(true) {
+            return Err(Status::unauthenticated(format!(
+                "the API server did not accept the token: {}",
+                status.error.unwrap_or_else(|| "no reason given".into())
+            )));
+        }
+        if !status.audiences.iter().flatten().any(|a| a == TOKEN_AUDIENCE) {
+            return Err(Status::unauthenticated(format!(
+                "the token is not for audience {TOKEN_AUDIENCE}: project one with that audience (the injector does)"
+            )));
+        }
+        let user = status.user.unwrap_or_default();
+        let username = user.username.unwrap_or_default();
+        let Some((namespace, service_account)) = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|rest| rest.split_once(':'))
+        else {
+            return Err(Status::unauthenticated(format!(
+                "{username:?} is not a service account"
+            )));
+        };
+        let pod = user
+            .extra
+            .as_ref()
+            .and_then(|extra| extra.get("authentication.kubernetes.io/pod-name"))
+            .and_then(|names| names.first())
+            .ok_or_else(|| {
+                Status::unauthenticated(
+                    "the token is not bound to a pod: mount a projected service-account token (the injector does)",
+                )
+            })?;
+        Ok(WorkloadRef {
+            namespace: namespace.to_string(),
+            name: pod.clone(),
+            service_account: Some(service_account.to_string()),
+        })
+    }
 }

@@ -328,7 +328,7 @@ fn add_sidecar(spec: &mut PodSpec, config: &InjectConfig, skip_in: &str, skip_ou
         env("WARY_CONTROL_PLANE", config.control_plane.clone()),
         env("WARY_TRUST_DOMAIN", config.trust_domain.clone()),
         env("WARY_TRUST_ANCHORS_PEM", config.trust_anchors_pem.clone()),
-        env("WARY_JOIN_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
+        env("WARY_SERVICE_ACCOUNT_TOKEN_FILE", format!("{TOKEN_DIR}/token")),
         env("WARY_LOG_FORMAT", "json"),
     ];
     if !opaque.is_empty() {

@@ -9,6 +9,7 @@
 //! * [`resources`]: cross-document checks, then `Service`/`Endpoints`/`InboundPolicy`.
 //! * [`snapshot`]: the resources with content-hash versions.
 //! * [`config_watch`]: re-reads the directory on change (debounced) and publishes.
+//! * [`kubernetes`]: the same documents from the cluster's watchers (`--kubernetes`).
 //! * [`discovery`]: the gRPC stream: subscriptions, deltas, ACK/NACK per proxy.
 //! * [`ca_store`], [`tokens`], [`identity`]: the mesh CA on disk and its rotation, join
 //!   tokens, and `Identity.Certify`.
@@ -26,6 +27,7 @@ pub mod discovery;
 pub mod duration;
 pub mod identity;
 pub mod inject;
+pub mod kubernetes;
 pub mod local;
 pub mod metrics;
 pub mod policy;

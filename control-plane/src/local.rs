@@ -45,6 +45,10 @@ pub struct ServiceSpec {
     pub selector: BTreeMap<String, String>,
     /// The ports clients dial; at least one.
     pub ports: Vec<ServicePort>,
+    /// Virtual IPs clients may dial instead of the name (a Kubernetes Service's
+    /// `clusterIPs`): transparent mode recognizes connections to them. Optional.
+    #[serde(default, rename = "clusterIPs", skip_serializing_if = "Vec::is_empty")]
+    pub cluster_ips: Vec<IpAddr>,
 }
 
 /// One service port.

@@ -15,7 +15,9 @@ use tokio::sync::watch;
 use wary_certs::TrustDomain;
 use wary_certs::credentials::Credentials;
 use wary_control_plane::ca_store::CaStore;
-use wary_control_plane::{admin::Admin, config_watch, discovery, identity, metrics as m, snapshot::Snapshot};
+use wary_control_plane::{
+    admin::Admin, config_watch, discovery, identity, kubernetes, metrics as m, snapshot::Snapshot,
+};
 use wary_proto::discovery::discovery_server::DiscoveryServer;
 use wary_proto::identity::identity_server::IdentityServer;
 
@@ -132,6 +134,21 @@ enum CaAction {
     DropOld,
 }
 
+/// Where topology and policy come from.
+enum Source {
+    /// A watched directory of YAML.
+    Dir {
+        dir: PathBuf,
+        config: config_watch::ConfigWatch,
+    },
+    /// The cluster's API server.
+    Kubernetes {
+        client: kube::Client,
+        stores: kubernetes::Stores,
+        changed: Arc<tokio::sync::Notify>,
+    },
+}
+
 fn default_ca_dir() -> PathBuf {
     std::env::var_os("HOME")
         .map(PathBuf::from)
@@ -209,34 +226,60 @@ async fn main() -> anyhow::Result<()> {
         .context("cannot install the metrics recorder")?;
     m::describe();
 
-    if args.kubernetes {
-        bail!("--kubernetes is not available in this build yet: run with --config-dir DIR");
-    }
-    let dir = args
-        .config_dir
-        .context("--config-dir DIR is required: a directory of YAML documents (e.g. examples/quickstart)")?;
-    if !dir.exists() {
-        bail!(
-            "--config-dir {}: does not exist; point it at a directory of YAML documents (e.g. examples/quickstart)",
-            dir.display()
-        );
-    }
-    if !dir.is_dir() {
-        bail!(
-            "--config-dir {}: not a directory; point it at a directory of YAML documents (e.g. examples/quickstart)",
-            dir.display()
-        );
-    }
-
     let (snapshots, rx) = watch::channel(Arc::new(Snapshot::default()));
     let (status, status_rx) = watch::channel(config_watch::ConfigStatus::default());
+    let debounce = Duration::from_millis(args.debounce_ms);
     // The first read happens before the servers start, so the first proxy gets the
     // configuration rather than an empty state.
-    let mut config = config_watch::ConfigWatch::start(dir.clone())?;
-    config.reload(&snapshots, &status).await;
-    let debounce = Duration::from_millis(args.debounce_ms);
+    let source = if args.kubernetes {
+        let client = kube::Client::try_default().await.context(
+            "cannot reach the Kubernetes API: in a pod the service account's credentials are used, elsewhere KUBECONFIG",
+        )?;
+        let changed = Arc::new(tokio::sync::Notify::new());
+        let stores = kubernetes::watch_cluster(&client, changed.clone());
+        tracing::info!("listing Services, EndpointSlices, Pods, Namespaces and the policy CRDs");
+        stores.ready().await?;
+        let mut last_good = kubernetes::LastGood::default();
+        let (docs, errors) = stores.documents(&mut last_good);
+        config_watch::publish(&docs, errors, "kubernetes", &snapshots, &status);
+        Source::Kubernetes {
+            client,
+            stores,
+            changed,
+        }
+    } else {
+        let dir = args
+            .config_dir
+            .clone()
+            .context("--config-dir DIR is required: a directory of YAML documents (e.g. examples/quickstart); in a cluster, --kubernetes")?;
+        if !dir.exists() {
+            bail!(
+                "--config-dir {}: does not exist; point it at a directory of YAML documents (e.g. examples/quickstart)",
+                dir.display()
+            );
+        }
+        if !dir.is_dir() {
+            bail!(
+                "--config-dir {}: not a directory; point it at a directory of YAML documents (e.g. examples/quickstart)",
+                dir.display()
+            );
+        }
+        let mut config = config_watch::ConfigWatch::start(dir.clone())?;
+        config.reload(&snapshots, &status).await;
+        Source::Dir { dir, config }
+    };
     let mesh = snapshots.borrow().mesh.clone();
-    let ca_dir = args.ca_dir.unwrap_or_else(default_ca_dir);
+    let ca_dir = match (&source, args.ca_dir.clone()) {
+        (_, Some(dir)) => dir,
+        (Source::Dir { .. }, None) => default_ca_dir(),
+        (Source::Kubernetes { client, .. }, None) => {
+            // The CA lives in a Secret every replica shares; each keeps a private copy.
+            let dir = std::env::temp_dir().join(format!("wary-ca-{}", std::process::id()));
+            let namespace = std::env::var("WARY_NAMESPACE").unwrap_or_else(|_| client.default_namespace().to_string());
+            kubernetes::ca_from_secret(client, &namespace, &mesh.trust_domain, &dir).await?;
+            dir
+        }
+    };
     let ca = Arc::new(CaStore::open_or_create(&ca_dir, &mesh.trust_domain).with_context(|| {
         format!(
             "the CA directory {} is unusable: fix it, or point --ca-dir at an empty directory to create a new CA",
@@ -253,15 +296,44 @@ async fn main() -> anyhow::Result<()> {
         own_identity,
         snapshots.subscribe(),
     ));
-    let watch_task = tokio::spawn(config.run(snapshots, status, debounce));
+    let (where_from, verifier, namespace_labels, watch_task): (
+        String,
+        Arc<dyn identity::ProofVerifier>,
+        wary_control_plane::webhook::NamespaceLabels,
+        _,
+    ) = match source {
+        Source::Dir { dir, config } => (
+            dir.display().to_string(),
+            Arc::new(identity::JoinTokens(ca.clone())),
+            // Local mode knows no namespaces: only pod labels ask for injection.
+            Arc::new(|_: &str| None),
+            tokio::spawn(config.run(snapshots, status, debounce)),
+        ),
+        Source::Kubernetes {
+            client,
+            stores,
+            changed,
+        } => (
+            "kubernetes".to_string(),
+            Arc::new(identity::TokenReviews(client)),
+            Arc::new({
+                let stores = stores.clone();
+                move |ns: &str| stores.namespace_labels(ns)
+            }),
+            tokio::spawn(kubernetes::run(stores, changed, snapshots, status, debounce)),
+        ),
+    };
 
     // Discovery is served only once the directory has read clean: a file that is broken
     // at start-up has no last good version, and serving without it would tell every
     // reconnecting proxy to remove what that file declares.
     let (serving_tx, serving) = watch::channel(false);
     let mut clean = status_rx.clone();
+    // In a cluster an invalid object is left out (or kept at its last good version)
+    // and the rest is served: one team's bad policy must not stop the mesh.
+    let kubernetes_mode = args.kubernetes;
     tokio::spawn(async move {
-        if clean.borrow().errors.is_empty() {
+        if kubernetes_mode || clean.borrow().errors.is_empty() {
             let _ = serving_tx.send(true);
             return;
         }
@@ -290,8 +362,7 @@ async fn main() -> anyhow::Result<()> {
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let id = format!("wary-control-plane/{}", std::process::id());
-    let identity_service =
-        identity::IdentityService::new(ca.clone(), rx.clone(), Arc::new(identity::JoinTokens(ca.clone())));
+    let identity_service = identity::IdentityService::new(ca.clone(), rx.clone(), verifier);
     let service = discovery::DiscoveryService::new(rx, registry.clone(), id, shutdown, serving.clone());
     let admin = Admin {
         prometheus,
@@ -325,14 +396,13 @@ async fn main() -> anyhow::Result<()> {
                     native_sidecar: w.native_sidecars,
                     ..defaults
                 },
-                // Local mode knows no namespaces: only pod labels ask for injection.
-                namespace_labels: Arc::new(|_| None),
+                namespace_labels,
             };
             tokio::spawn(Arc::new(webhook).serve(listener, tls));
             Some(bound)
         }
     };
-    tracing::info!(%discovery_addr, %admin_addr, ?webhook_addr, dir = %dir.display(), "control plane started");
+    tracing::info!(%discovery_addr, %admin_addr, ?webhook_addr, source = %where_from, "control plane started");
     // One machine-readable line on stdout, for scripts and tests that pick port 0.
     let webhook_field = webhook_addr.map(|a| format!(" webhook={a}")).unwrap_or_default();
     println!(

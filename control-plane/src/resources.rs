@@ -316,7 +316,10 @@ fn service(d: &Document, spec: &ServiceSpec, policy: Option<&TrafficPolicy>, clu
         traffic_policy: policy.map(|tp| traffic_policy(tp, ns)),
         // A bare `<name>` is resolved by the proxy in its own namespace, as Kubernetes DNS
         // does, so it is not listed: two namespaces may both have an `orders`.
-        hostnames: vec![format!("{name}.{ns}.svc"), format!("{name}.{ns}.svc.{cluster_domain}")],
+        hostnames: [format!("{name}.{ns}.svc"), format!("{name}.{ns}.svc.{cluster_domain}")]
+            .into_iter()
+            .chain(spec.cluster_ips.iter().map(ToString::to_string))
+            .collect(),
     }
 }
 

@@ -33,6 +33,10 @@ pub enum TokenSource {
     Inline(String),
     /// A file holding the token, re-read at every request (so a rotated token is used).
     File(std::path::PathBuf),
+    /// A Kubernetes service-account token file (the injector projects one with audience
+    /// `wary.io`), re-read at every request as the kubelet rotates it; the control plane
+    /// verifies it with a TokenReview.
+    ServiceAccountFile(std::path::PathBuf),
 }
 
 impl std::fmt::Debug for TokenSource {
@@ -40,6 +44,7 @@ impl std::fmt::Debug for TokenSource {
         match self {
             TokenSource::Inline(_) => f.write_str("Inline(..)"),
             TokenSource::File(p) => f.debug_tuple("File").field(p).finish(),
+            TokenSource::ServiceAccountFile(p) => f.debug_tuple("ServiceAccountFile").field(p).finish(),
         }
     }
 }
@@ -51,7 +56,19 @@ impl TokenSource {
             TokenSource::File(path) => std::fs::read_to_string(path)
                 .map(|t| t.trim().to_string())
                 .map_err(|e| format!("cannot read the join token file {}: {e}", path.display())),
+            TokenSource::ServiceAccountFile(path) => std::fs::read_to_string(path)
+                .map(|t| t.trim().to_string())
+                .map_err(|e| format!("cannot read the service-account token {}: {e}", path.display())),
         }
+    }
+
+    /// The proof to send.
+    fn proof(&self) -> Result<certify_request::Proof, String> {
+        let token = self.read()?;
+        Ok(match self {
+            TokenSource::ServiceAccountFile(_) => certify_request::Proof::ServiceAccountToken(token),
+            TokenSource::Inline(_) | TokenSource::File(_) => certify_request::Proof::JoinToken(token),
+        })
     }
 }
 
@@ -102,11 +119,7 @@ pub async fn certify(
         && creds
             .certificate()
             .is_some_and(|c| c.not_after > SystemTime::now() + Duration::from_secs(1));
-    let proof = if renewing {
-        None
-    } else {
-        Some(certify_request::Proof::JoinToken(config.token.read()?))
-    };
+    let proof = if renewing { None } else { Some(config.token.proof()?) };
     let key = WorkloadKey::generate().map_err(|e| e.to_string())?;
     let asked = creds.certificate().map(|c| c.identity.clone());
     let csr = key.csr_for(asked.as_ref()).map_err(|e| e.to_string())?;

@@ -58,8 +58,13 @@ struct Args {
     )]
     join_token: Option<String>,
     /// A file holding the join token, re-read at each certificate request.
-    #[arg(long, env = "WARY_JOIN_TOKEN_FILE")]
+    #[arg(long, env = "WARY_JOIN_TOKEN_FILE", conflicts_with = "service_account_token_file")]
     join_token_file: Option<PathBuf>,
+    /// A Kubernetes service-account token file (projected with audience `wary.io`, what
+    /// the injector mounts), re-read at each certificate request: the proof of identity
+    /// in a cluster.
+    #[arg(long, env = "WARY_SERVICE_ACCOUNT_TOKEN_FILE", conflicts_with = "join_token")]
+    service_account_token_file: Option<PathBuf>,
     /// The mesh's trust domain.
     #[arg(long, env = "WARY_TRUST_DOMAIN", default_value = "cluster.local")]
     trust_domain: String,
@@ -266,11 +271,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     m::describe();
 
-    let token = match (args.join_token, args.join_token_file) {
-        (Some(t), _) => TokenSource::Inline(t),
-        (None, Some(f)) => TokenSource::File(f),
-        (None, None) => bail!(
-            "no join token: set WARY_JOIN_TOKEN or --join-token-file (mint one with `wary-control-plane token --workload NAME`)"
+    let token = match (args.join_token, args.join_token_file, args.service_account_token_file) {
+        (Some(t), _, _) => TokenSource::Inline(t),
+        (None, Some(f), _) => TokenSource::File(f),
+        (None, None, Some(f)) => TokenSource::ServiceAccountFile(f),
+        (None, None, None) => bail!(
+            "no proof of identity: set WARY_JOIN_TOKEN or --join-token-file (mint one with `wary-control-plane token --workload NAME`), or in a cluster --service-account-token-file"
         ),
     };
     // Required by clap unless a subcommand runs.

@@ -12,6 +12,7 @@
 //! Every wait is on a condition with a generous deadline ([`DEADLINE`]); nothing sleeps
 //! for a fixed time.
 
+pub mod kube_api;
 pub mod upstream;
 
 use std::net::SocketAddr;
@@ -234,18 +235,29 @@ impl ControlPlane {
 
     /// As [`ControlPlane::start_logging`], with more command-line arguments.
     pub async fn start_with_args(mesh: &MeshDir, discovery: SocketAddr, rust_log: &str, args: &[&str]) -> Self {
-        let mut child = Command::new(binary("wary-control-plane"))
-            .args(args)
+        let mut cmd = Command::new(binary("wary-control-plane"));
+        cmd.args(args)
             .arg("--config-dir")
             .arg(mesh.path())
             .arg("--ca-dir")
             .arg(mesh.ca_path())
-            .args([
-                "--discovery-addr",
-                &discovery.to_string(),
-                "--admin-addr",
-                "127.0.0.1:0",
-            ])
+            .args(["--discovery-addr", &discovery.to_string()]);
+        Self::spawn(cmd, rust_log).await
+    }
+
+    /// Starts a control plane reading the cluster `kubeconfig` points at
+    /// (`--kubernetes`), in namespace `wary-system`, its CA in that namespace's Secret.
+    pub async fn start_kubernetes(kubeconfig: &Path) -> Self {
+        let mut cmd = Command::new(binary("wary-control-plane"));
+        cmd.args(["--kubernetes", "--discovery-addr", "127.0.0.1:0", "--debounce-ms", "20"])
+            .env("KUBECONFIG", kubeconfig)
+            .env("WARY_NAMESPACE", "wary-system");
+        Self::spawn(cmd, "info,wary_control_plane=debug").await
+    }
+
+    async fn spawn(mut cmd: Command, rust_log: &str) -> Self {
+        let mut child = cmd
+            .args(["--admin-addr", "127.0.0.1:0"])
             .env("RUST_LOG", rust_log)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -259,8 +271,8 @@ impl ControlPlane {
         Self {
             discovery: field(&line, "discovery="),
             admin: field(&line, "admin="),
+            ca_dir: trust_anchors.parent().expect("the CA directory").to_path_buf(),
             trust_anchors,
-            ca_dir: mesh.ca_path().to_path_buf(),
             webhook: line
                 .split_whitespace()
                 .find_map(|w| w.strip_prefix("webhook="))
@@ -450,14 +462,22 @@ impl Proxy {
         outbound: SocketAddr,
         env: &[(&str, &str)],
     ) -> Self {
-        let token = cp.token(workload).await;
-        let mut child = Command::new(binary("wary-proxy"))
+        // In a cluster the proof is the service-account token the caller gives.
+        let token = if env.iter().any(|(k, _)| *k == "WARY_SERVICE_ACCOUNT_TOKEN_FILE") {
+            None
+        } else {
+            Some(cp.token(workload).await)
+        };
+        let mut cmd = Command::new(binary("wary-proxy"));
+        if let Some(token) = token {
+            cmd.env("WARY_JOIN_TOKEN", token);
+        }
+        let mut child = cmd
             .args(["--control-plane", &cp.discovery_url(), "--workload", workload])
             .args(["--admin-addr", "127.0.0.1:0", "--outbound-addr", &outbound.to_string()])
             .args(["--inbound-addr", &inbound.to_string()])
             .arg("--trust-anchors")
             .arg(&cp.trust_anchors)
-            .env("WARY_JOIN_TOKEN", token)
             .env("RUST_LOG", "info,wary_proxy=debug")
             // The caller's settings win, RUST_LOG included.
             .envs(env.iter().copied())

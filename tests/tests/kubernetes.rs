@@ -7,6 +7,7 @@ use std::process::Stdio;
 
 use base64::Engine as _;
 use serde_json::Value;
+use wary_tests::kube_api::FakeApi;
 use wary_tests::{ControlPlane, MeshDir, binary, check_chart};
 
 /// A TLS certificate for `localhost` and 127.0.0.1, as the chart issues one for the
@@ -139,7 +140,7 @@ async fn the_webhook_injects_labelled_pods_once_and_leaves_others_alone() {
     let bundle = std::fs::read_to_string(&cp.trust_anchors).unwrap();
     assert_eq!(env["WARY_TRUST_ANCHORS_PEM"]["value"], bundle.as_str());
     assert_eq!(
-        env["WARY_JOIN_TOKEN_FILE"]["value"],
+        env["WARY_SERVICE_ACCOUNT_TOKEN_FILE"]["value"],
         "/var/run/secrets/wary.io/serviceaccount/token"
     );
     let token = spec["volumes"]
@@ -269,4 +270,219 @@ spec:
     let report = check_chart(&outputs.iter().map(|p| p.as_path()).collect::<Vec<_>>());
     eprintln!("{report}");
     assert!(report.contains("chart lints clean"), "{report}");
+}
+
+/// The recorded cluster: `kubectl get -o json` of each object.
+fn cluster() -> Vec<Value> {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("fixtures/kubernetes/cluster.json");
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn object<'a>(objects: &'a [Value], kind: &str, name: &str) -> &'a Value {
+    objects
+        .iter()
+        .find(|o| o["kind"] == kind && o["metadata"]["name"] == name)
+        .unwrap_or_else(|| panic!("no {kind} {name} in the recording"))
+}
+
+/// The documents a directory holds for the same topology, in the shape users write.
+fn local_topology(web: &[(&str, &str, &str, bool)], client: bool, attempts: u32, authz: bool) -> String {
+    let mut out = String::from(
+        "apiVersion: local.wary.io/v1alpha1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {app: web}}\n\
+         spec:\n  selector: {app: web}\n  ports: [{name: http, port: 80, targetPort: 8080, appProtocol: http}]\n  clusterIPs: [10.96.0.10]\n",
+    );
+    for (name, ip, zone, ready) in web {
+        out += &format!(
+            "---\napiVersion: local.wary.io/v1alpha1\nkind: Workload\n\
+             metadata: {{name: {name}, namespace: shop, labels: {{app: web, pod-template-hash: 6b7f9c}}}}\n\
+             spec: {{serviceAccount: web, address: {ip}, zone: {zone}, ready: {ready}, ports: [{{name: http, port: 8080, appProtocol: http}}]}}\n"
+        );
+    }
+    if client {
+        out += "---\napiVersion: local.wary.io/v1alpha1\nkind: Workload\nmetadata: {name: client-1, namespace: shop, labels: {app: client}}\n\
+                spec: {serviceAccount: client, address: 10.244.1.20}\n";
+    }
+    out += &format!(
+        "---\napiVersion: policy.wary.io/v1alpha1\nkind: TrafficPolicy\nmetadata: {{name: web, namespace: shop}}\n\
+         spec: {{targetRef: {{kind: Service, name: web}}, timeouts: {{perTry: 500ms}}, retries: {{attempts: {attempts}}}}}\n"
+    );
+    if authz {
+        out += "---\napiVersion: policy.wary.io/v1alpha1\nkind: AuthorizationPolicy\nmetadata: {name: web-from-client, namespace: shop}\n\
+                spec:\n  targetRef: {kind: Service, name: web}\n  action: ALLOW\n  rules:\n  - from:\n    - source:\n        principals: [\"spiffe://cluster.local/ns/shop/sa/client\"]\n";
+    }
+    out += "---\napiVersion: policy.wary.io/v1alpha1\nkind: MeshConfig\nmetadata: {name: mesh}\n\
+            spec: {trustDomain: cluster.local, mtls: {mode: strict}, defaultInboundPolicy: all-authenticated}\n";
+    out
+}
+
+/// Waits until both control planes serve the same resources (their content-hash
+/// versions agree); fails with both `/config` pages if they never do.
+async fn same_resources(cluster: &ControlPlane, dir: &ControlPlane, what: &str) {
+    let agreed = tokio::time::timeout(wary_tests::DEADLINE, async {
+        loop {
+            let (a, b) = (cluster.config_status().await, dir.config_status().await);
+            if a["versions"] == b["versions"] && b["errors"].as_array().is_some_and(Vec::is_empty) {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    if agreed.is_err() {
+        panic!(
+            "{what}: the cluster's resources never matched the directory's\ncluster: {}\ndirectory: {}",
+            cluster.config_status().await,
+            dir.config_status().await
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watchers_compute_what_the_directory_does_through_changes_deletes_and_a_relist() {
+    let recorded = cluster();
+    let api = FakeApi::start(&recorded).await;
+    let cp = ControlPlane::start_kubernetes(api.kubeconfig()).await;
+    let mesh = MeshDir::new();
+    let web = |n: &str, ip: &'static str, zone: &'static str, ready: bool| (n.to_string(), ip, zone, ready);
+    let write = |w: &[(String, &str, &str, bool)], client: bool, attempts: u32, authz: bool| {
+        let w: Vec<(&str, &str, &str, bool)> = w.iter().map(|(n, i, z, r)| (n.as_str(), *i, *z, *r)).collect();
+        mesh.write("mesh.yaml", &local_topology(&w, client, attempts, authz));
+    };
+
+    // The recording as it was listed: web-2 is not ready (its slice says so), the
+    // finished pod and the Services without a selector are not meshed.
+    write(
+        &[
+            web("web-1", "10.244.1.11", "zone-a", true),
+            web("web-2", "10.244.2.12", "zone-b", false),
+        ],
+        true,
+        2,
+        true,
+    );
+    let dir = ControlPlane::start(&mesh).await;
+    same_resources(&cp, &dir, "after the first list").await;
+
+    // The mesh CA went into a Secret, and a second replica signs with the same CA.
+    let secret = api.secret("wary-system", "wary-ca").expect("the CA Secret");
+    assert!(secret["data"]["issuer-key.pem"].is_string(), "{secret}");
+    let replica = ControlPlane::start_kubernetes(api.kubeconfig()).await;
+    assert_eq!(
+        std::fs::read_to_string(&replica.trust_anchors).unwrap(),
+        std::fs::read_to_string(&cp.trust_anchors).unwrap(),
+        "every replica serves one trust bundle"
+    );
+    drop(replica);
+
+    // A proxy proves itself with its pod's service-account token (TokenReview).
+    let tokens = tempfile::tempdir().unwrap();
+    let token = tokens.path().join("token");
+    std::fs::write(&token, "token-client-1").unwrap();
+    api.accept_token("token-client-1", "shop", "client", "client-1", &["wary.io"]);
+    let env = [
+        ("WARY_NAMESPACE", "shop"),
+        ("WARY_SERVICE_ACCOUNT_TOKEN_FILE", token.to_str().unwrap()),
+    ];
+    let any = "127.0.0.1:0".parse().unwrap();
+    let proxy = wary_tests::Proxy::start_with(&cp, "client-1", any, any, &env).await;
+    proxy.wait_ready().await;
+    assert_eq!(
+        proxy.certificate().await["identity"],
+        "spiffe://cluster.local/ns/shop/sa/client"
+    );
+    // A token of another service account naming this pod is refused.
+    let stolen = tokens.path().join("stolen");
+    std::fs::write(&stolen, "token-web-as-client").unwrap();
+    api.accept_token("token-web-as-client", "shop", "web", "client-1", &["wary.io"]);
+    let env = [
+        ("WARY_NAMESPACE", "shop"),
+        ("WARY_SERVICE_ACCOUNT_TOKEN_FILE", stolen.to_str().unwrap()),
+    ];
+    let _impostor = wary_tests::Proxy::start_with(&cp, "client-1", any, any, &env).await;
+    wary_tests::wait_until("the impostor is refused", || async {
+        cp.admin_get("/metrics")
+            .await
+            .contains("wary_control_plane_certificate_requests_total{result=\"denied\"}")
+            .then_some(())
+    })
+    .await;
+    assert!(requests_contain(
+        &api,
+        "POST /apis/authentication.k8s.io/v1/tokenreviews"
+    ));
+
+    // Watch events: web-2 turns ready, web-1 is deleted, web-3 is added, the
+    // TrafficPolicy changes.
+    let mut web2 = object(&recorded, "Pod", "web-2").clone();
+    web2["status"]["conditions"][2]["status"] = "True".into();
+    api.apply(web2);
+    let pod1 = object(&recorded, "Pod", "web-1").clone();
+    api.delete(&pod1);
+    let mut web3 = object(&recorded, "Pod", "web-2").clone();
+    web3["metadata"]["name"] = "web-3".into();
+    web3["metadata"]["uid"] = "pod-web-3".into();
+    web3["status"]["podIP"] = "10.244.2.13".into();
+    web3["status"]["podIPs"] = serde_json::json!([{"ip": "10.244.2.13"}]);
+    web3["status"]["conditions"][2]["status"] = "True".into();
+    api.apply(web3);
+    let mut slice = object(&recorded, "EndpointSlice", "web-x7k2p").clone();
+    let mut e3 = slice["endpoints"][1].clone();
+    e3["addresses"] = serde_json::json!(["10.244.2.13"]);
+    e3["conditions"]["ready"] = true.into();
+    e3["targetRef"]["name"] = "web-3".into();
+    slice["endpoints"][1]["conditions"]["ready"] = true.into();
+    slice["endpoints"] = serde_json::json!([slice["endpoints"][1].clone(), e3]);
+    api.apply(slice);
+    let mut tp = object(&recorded, "TrafficPolicy", "web").clone();
+    tp["spec"]["retries"]["attempts"] = 3.into();
+    api.apply(tp.clone());
+    let after_events = [
+        web("web-2", "10.244.2.12", "zone-b", true),
+        web("web-3", "10.244.2.13", "zone-b", true),
+    ];
+    let before = dir.config_status().await["versions"].clone();
+    write(&after_events, true, 3, true);
+    // Compare once the directory's control plane has read the new file, not before.
+    wary_tests::wait_until("the directory is re-read", || async {
+        (dir.config_status().await["versions"] != before).then_some(())
+    })
+    .await;
+    same_resources(&cp, &dir, "after watch events").await;
+
+    // An invalid change keeps the last good version in force, and says why.
+    let mut bad = tp.clone();
+    bad["spec"]["retries"]["attempts"] = 0.into();
+    api.apply(bad);
+    wary_tests::wait_until("the invalid TrafficPolicy is reported", || async {
+        let status = cp.config_status().await;
+        status["errors"]
+            .as_array()?
+            .iter()
+            .any(|e| {
+                e.as_str()
+                    .is_some_and(|e| e.starts_with("kubernetes:TrafficPolicy/shop/web: spec.retries.attempts"))
+            })
+            .then_some(())
+    })
+    .await;
+    same_resources(&cp, &dir, "with an invalid TrafficPolicy").await;
+    api.apply(tp);
+
+    // Changes the watches never saw (deleted while they were down), found by a relist.
+    api.delete_quietly(object(&recorded, "AuthorizationPolicy", "web-from-client"));
+    api.delete_quietly(object(&recorded, "Pod", "client-1"));
+    api.expire_watches();
+    let before = dir.config_status().await["versions"].clone();
+    write(&after_events, false, 3, false);
+    wary_tests::wait_until("the directory is re-read", || async {
+        (dir.config_status().await["versions"] != before).then_some(())
+    })
+    .await;
+    same_resources(&cp, &dir, "after a relist").await;
+    let status = cp.config_status().await;
+    assert!(status["errors"].as_array().is_some_and(Vec::is_empty), "{status}");
+}
+
+fn requests_contain(api: &FakeApi, what: &str) -> bool {
+    api.requests().iter().any(|r| r == what)
 }
