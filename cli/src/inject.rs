@@ -187,6 +187,29 @@ data: {a: b}
     }
 
     #[test]
+    fn existing_init_containers_and_unknown_fields_stay_as_they_were() {
+        let manifest = MANIFEST.replace(
+            "      containers: [{name: web, image: nginx, futureField: kept}]",
+            "      initContainers: [{name: migrate, image: migrate, futureField: mine}]\n      containers: [{name: web, image: nginx, futureField: kept}]",
+        );
+        let config = InjectConfig {
+            native_sidecar: false,
+            ..InjectConfig::default()
+        };
+        let out = inject_manifest(&manifest, &config, &mut |_| {}).unwrap();
+        let doc: Value = serde_yaml::from_str(out.split("---\n").next().unwrap()).unwrap();
+        let spec = doc.pointer("/spec/template/spec").unwrap();
+        let name = |c: &Value| c["name"].as_str().unwrap().to_string();
+        let inits: Vec<String> = spec["initContainers"].as_array().unwrap().iter().map(name).collect();
+        let containers: Vec<String> = spec["containers"].as_array().unwrap().iter().map(name).collect();
+        assert_eq!(inits, ["wary-init", "migrate"]);
+        assert_eq!(containers, ["wary-proxy", "web"]);
+        assert_eq!(spec["initContainers"][1]["futureField"], "mine");
+        assert_eq!(spec["containers"][1]["futureField"], "kept");
+        assert!(spec["initContainers"][0].get("futureField").is_none());
+    }
+
+    #[test]
     fn a_malformed_annotation_is_named() {
         let bad = MANIFEST.replace("\"5432\"", "\"54x2\"");
         let err = inject_manifest(&bad, &InjectConfig::default(), &mut |_| {}).unwrap_err();

@@ -151,10 +151,18 @@ impl IdentityService {
             .and_then(|r| r.resource.as_ref())
             .and_then(|any| InboundPolicy::from_any(any).ok())
             .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no Workload {}/{} in the configuration: add its Workload document, or use its own token",
-                    w.namespace, w.name
-                ))
+                if w.service_account.is_some() {
+                    // A Kubernetes token: the workload is a pod.
+                    Status::not_found(format!(
+                        "no running pod {}/{} in the configuration: it has no IP yet or is not running (the proxy retries), or the control plane's configuration is stuck (see its /config page)",
+                        w.namespace, w.name
+                    ))
+                } else {
+                    Status::not_found(format!(
+                        "no Workload {}/{} in the configuration: add its Workload document, or use its own token",
+                        w.namespace, w.name
+                    ))
+                }
             })?;
         let id: SpiffeId = policy
             .identity

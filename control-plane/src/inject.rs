@@ -13,9 +13,10 @@
 //!                   + prometheus.io/* scrape annotations (unless the pod sets them)
 //! ```
 //!
-//! The patch is the JSON Patch (RFC 6902) from the pod as sent to the pod with the
-//! sidecar, computed by `json-patch`'s diff, so fields this build does not know are
-//! never touched. Annotations a pod may carry (after Linkerd's `config.linkerd.io/*`):
+//! The patch (RFC 6902) only adds (the containers at the front of `initContainers`,
+//! volumes at the end, annotations by key) and replaces the probes it moves to the
+//! admin port, so nothing else in the pod, fields this build does not know included,
+//! is touched. Annotations a pod may carry (after Linkerd's `config.linkerd.io/*`):
 //! `config.wary.io/skip-inbound-ports`, `config.wary.io/skip-outbound-ports` (for
 //! the init step's rules) and `config.wary.io/opaque-ports` (for the proxy's
 //! detection).
@@ -24,11 +25,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
+    ObjectFieldSelector, PodTemplateSpec, Probe, ProjectedVolumeSource, ResourceRequirements, SecurityContext,
     ServiceAccountTokenProjection, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use serde_json::Value;
 
@@ -165,11 +165,10 @@ pub fn patch(
     namespace_labels: Option<&BTreeMap<String, String>>,
     config: &InjectConfig,
 ) -> Result<Result<json_patch::Patch, Skipped>, InjectError> {
-    let original: PodTemplateSpec =
+    let pod: PodTemplateSpec =
         serde_json::from_value(template.clone()).map_err(|e| InjectError(format!("it is not a pod: {e}")))?;
-    let mut pod = original.clone();
-    let meta = pod.metadata.get_or_insert_with(ObjectMeta::default);
-    let Some(spec) = pod.spec.as_mut() else {
+    let meta = pod.metadata.clone().unwrap_or_default();
+    let Some(spec) = pod.spec.as_ref() else {
         return Err(InjectError("it has no spec".into()));
     };
     let labels = meta.labels.clone().unwrap_or_default();
@@ -183,7 +182,7 @@ pub fn patch(
     if spec.host_network == Some(true) {
         return Ok(Err(Skipped::HostNetwork));
     }
-    let annotations = meta.annotations.get_or_insert_with(BTreeMap::new);
+    let annotations = meta.annotations.clone().unwrap_or_default();
     let ports = |key: &str| -> Result<String, InjectError> {
         let Some(v) = annotations.get(key) else {
             return Ok(String::new());
@@ -206,19 +205,146 @@ pub fn patch(
         ports(SKIP_OUTBOUND_PORTS)?,
         ports(OPAQUE_PORTS)?,
     );
-    for (key, value) in [
+    let (rewritten, app_probes) = rewrite_probes(&spec.containers);
+    let (init, proxy, volumes) = sidecar(config, &skip_in, &skip_out, &opaque, &app_probes);
+
+    // The patch adds what the proxy needs and replaces only the probes it moves, so
+    // nothing else in the pod (fields this build does not know included) is touched,
+    // and no array element shifts under an index-based diff.
+    let mut ops: Vec<Value> = Vec::new();
+    let mut add = |path: String, value: Value| ops.push(serde_json::json!({"op": "add", "path": path, "value": value}));
+    let mut new_annotations: BTreeMap<String, String> = [
         ("prometheus.io/scrape", "true".to_string()),
         ("prometheus.io/port", ADMIN_PORT.to_string()),
         ("prometheus.io/path", "/metrics".to_string()),
-    ] {
-        annotations.entry(key.to_string()).or_insert(value);
+    ]
+    .into_iter()
+    .filter(|(k, _)| !annotations.contains_key(*k))
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    new_annotations.insert("wary.io/proxy-version".into(), env!("CARGO_PKG_VERSION").into());
+    if template.pointer("/metadata/annotations").is_some_and(Value::is_object) {
+        for (k, v) in new_annotations {
+            add(format!("/metadata/annotations/{}", escape(&k)), v.into());
+        }
+    } else if template.get("metadata").is_some_and(Value::is_object) {
+        add("/metadata/annotations".into(), value(&new_annotations)?);
+    } else {
+        add("/metadata".into(), serde_json::json!({"annotations": new_annotations}));
     }
-    annotations.insert("wary.io/proxy-version".into(), env!("CARGO_PKG_VERSION").into());
-    add_sidecar(spec, config, &skip_in, &skip_out, &opaque);
+    for (i, field, probe) in &rewritten {
+        ops.push(serde_json::json!({"op": "replace", "path": format!("/spec/containers/{i}/{field}"), "value": value(probe)?}));
+    }
+    let mut add = |path: String, value: Value| ops.push(serde_json::json!({"op": "add", "path": path, "value": value}));
+    if template.pointer("/spec/volumes").is_some_and(Value::is_array) {
+        for v in &volumes {
+            add("/spec/volumes/-".into(), value(v)?);
+        }
+    } else {
+        add("/spec/volumes".into(), value(&volumes)?);
+    }
+    // The init step runs before any other init container (theirs may make network
+    // calls), and a native sidecar right after it, so it serves them too.
+    let has_inits = template.pointer("/spec/initContainers").is_some_and(Value::is_array);
+    if config.native_sidecar {
+        if has_inits {
+            add("/spec/initContainers/0".into(), value(&init)?);
+            add("/spec/initContainers/1".into(), value(&proxy)?);
+        } else {
+            add("/spec/initContainers".into(), value(&vec![init, proxy])?);
+        }
+    } else {
+        if has_inits {
+            add("/spec/initContainers/0".into(), value(&init)?);
+        } else {
+            add("/spec/initContainers".into(), value(&vec![init])?);
+        }
+        add("/spec/containers/0".into(), value(&proxy)?);
+    }
+    serde_json::from_value(Value::Array(ops))
+        .map(Ok)
+        .map_err(|e| InjectError(format!("building the patch: {e}")))
+}
 
-    let before = serde_json::to_value(&original).map_err(|e| InjectError(e.to_string()))?;
-    let after = serde_json::to_value(&pod).map_err(|e| InjectError(e.to_string()))?;
-    Ok(Ok(json_patch::diff(&before, &after)))
+/// A JSON Pointer token (RFC 6901): `~` and `/` escaped.
+fn escape(token: &str) -> String {
+    token.replace('~', "~0").replace('/', "~1")
+}
+
+fn value<T: serde::Serialize>(v: &T) -> Result<Value, InjectError> {
+    serde_json::to_value(v).map_err(|e| InjectError(e.to_string()))
+}
+
+/// A probe moved to the admin port: the container's index, the probe's field
+/// (`readinessProbe`...), and the probe as it now reads.
+type MovedProbe = (usize, &'static str, Probe);
+
+/// The path on the admin port a moved probe answers on.
+fn app_health_path(container: &str, kind: &str) -> String {
+    format!("/app-health/{container}/{kind}")
+}
+
+/// Kubelet probes to the app's ports arrive in plaintext, which strict mTLS refuses:
+/// each HTTP (`httpGet`, scheme HTTP) and `tcpSocket` probe of an app container moves
+/// to the proxy's admin port (`/app-health/<container>/<readiness|liveness|startup>`),
+/// and the proxy makes the original probe to the app (Istio's probe rewrite). Returns
+/// the moved probes (container index, field, new probe) and the originals for
+/// `WARY_APP_PROBES` (JSON: path → `{"http": {"port", "path", "headers"}}` or
+/// `{"tcp": {"port"}}`). A probe on a named port the container does not declare, or
+/// over HTTPS or gRPC, is left as it is.
+fn rewrite_probes(containers: &[Container]) -> (Vec<MovedProbe>, BTreeMap<String, Value>) {
+    let mut moved = Vec::new();
+    let mut originals = BTreeMap::new();
+    for (i, c) in containers.iter().enumerate() {
+        let port_of = |p: &IntOrString| -> Option<u16> {
+            match p {
+                IntOrString::Int(n) => u16::try_from(*n).ok(),
+                IntOrString::String(name) => c
+                    .ports
+                    .iter()
+                    .flatten()
+                    .find(|p| p.name.as_deref() == Some(name))
+                    .and_then(|p| u16::try_from(p.container_port).ok()),
+            }
+        };
+        for (field, kind, probe) in [
+            ("readinessProbe", "readiness", &c.readiness_probe),
+            ("livenessProbe", "liveness", &c.liveness_probe),
+            ("startupProbe", "startup", &c.startup_probe),
+        ] {
+            let Some(probe) = probe else { continue };
+            let original = if let Some(get) = &probe.http_get {
+                let plain = get.scheme.as_deref().is_none_or(|s| s.eq_ignore_ascii_case("HTTP"));
+                match (plain, port_of(&get.port)) {
+                    (true, Some(port)) => serde_json::json!({"http": {
+                        "port": port,
+                        "path": get.path.clone().unwrap_or_else(|| "/".into()),
+                        "headers": get.http_headers.iter().flatten()
+                            .map(|h| (h.name.clone(), h.value.clone())).collect::<Vec<_>>(),
+                    }}),
+                    _ => continue,
+                }
+            } else if let Some(tcp) = &probe.tcp_socket {
+                match port_of(&tcp.port) {
+                    Some(port) => serde_json::json!({"tcp": {"port": port}}),
+                    None => continue,
+                }
+            } else {
+                continue;
+            };
+            let path = app_health_path(&c.name, kind);
+            originals.insert(path.clone(), original);
+            let mut probe = probe.clone();
+            probe.tcp_socket = None;
+            probe.http_get = Some(HTTPGetAction {
+                path: Some(path),
+                port: IntOrString::Int(i32::from(ADMIN_PORT)),
+                ..HTTPGetAction::default()
+            });
+            moved.push((i, field, probe));
+        }
+    }
+    (moved, originals)
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {
@@ -256,9 +382,16 @@ fn http_probe(path: &str, period_s: i32, failures: i32) -> Probe {
     }
 }
 
-fn add_sidecar(spec: &mut PodSpec, config: &InjectConfig, skip_in: &str, skip_out: &str, opaque: &str) {
+/// The init step, the proxy, and the volumes they use.
+fn sidecar(
+    config: &InjectConfig,
+    skip_in: &str,
+    skip_out: &str,
+    opaque: &str,
+    app_probes: &BTreeMap<String, Value>,
+) -> (Container, Container, Vec<Volume>) {
     let token_volume = "wary-identity-token";
-    spec.volumes.get_or_insert_with(Vec::new).extend([
+    let volumes = vec![
         Volume {
             name: token_volume.into(),
             projected: Some(ProjectedVolumeSource {
@@ -280,7 +413,7 @@ fn add_sidecar(spec: &mut PodSpec, config: &InjectConfig, skip_in: &str, skip_ou
             empty_dir: Some(EmptyDirVolumeSource::default()),
             ..Volume::default()
         },
-    ]);
+    ];
 
     let mut init_args = vec!["init".to_string(), "--proxy-uid".into(), config.proxy_uid.to_string()];
     if !skip_in.is_empty() {
@@ -295,9 +428,12 @@ fn add_sidecar(spec: &mut PodSpec, config: &InjectConfig, skip_in: &str, skip_ou
         image_pull_policy: Some(config.image_pull_policy.clone()),
         args: Some(init_args),
         security_context: Some(SecurityContext {
-            // iptables needs root with NET_ADMIN and NET_RAW, and nothing else.
+            // iptables needs root with NET_ADMIN and NET_RAW, and nothing else (the
+            // namespace's Pod Security level must allow that: `privileged`, as for
+            // Linkerd's and Istio's init containers).
             run_as_user: Some(0),
             run_as_non_root: Some(false),
+            seccomp_profile: Some(runtime_default_seccomp()),
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
             capabilities: Some(Capabilities {
@@ -334,6 +470,12 @@ fn add_sidecar(spec: &mut PodSpec, config: &InjectConfig, skip_in: &str, skip_ou
     if !opaque.is_empty() {
         proxy_env.push(env("WARY_OPAQUE_PORTS", opaque));
     }
+    if !app_probes.is_empty() {
+        proxy_env.push(env(
+            "WARY_APP_PROBES",
+            serde_json::to_string(app_probes).unwrap_or_default(),
+        ));
+    }
     let port = |name: &str, port: u16| ContainerPort {
         name: Some(name.into()),
         container_port: i32::from(port),
@@ -354,6 +496,7 @@ fn add_sidecar(spec: &mut PodSpec, config: &InjectConfig, skip_in: &str, skip_ou
             run_as_user: Some(config.proxy_uid),
             run_as_group: Some(config.proxy_uid),
             run_as_non_root: Some(true),
+            seccomp_profile: Some(runtime_default_seccomp()),
             allow_privilege_escalation: Some(false),
             read_only_root_filesystem: Some(true),
             capabilities: Some(Capabilities {
@@ -378,14 +521,13 @@ fn add_sidecar(spec: &mut PodSpec, config: &InjectConfig, skip_in: &str, skip_ou
         ..Container::default()
     };
 
-    // The init step runs before any other init container (theirs may make network
-    // calls), and the native sidecar right after it, so it serves them too.
-    let inits = spec.init_containers.get_or_insert_with(Vec::new);
-    if config.native_sidecar {
-        inits.splice(0..0, [init, proxy]);
-    } else {
-        inits.insert(0, init);
-        spec.containers.insert(0, proxy);
+    (init, proxy, volumes)
+}
+
+fn runtime_default_seccomp() -> k8s_openapi::api::core::v1::SeccompProfile {
+    k8s_openapi::api::core::v1::SeccompProfile {
+        type_: "RuntimeDefault".into(),
+        ..Default::default()
     }
 }
 

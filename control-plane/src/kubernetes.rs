@@ -185,18 +185,37 @@ pub fn documents(
         });
     }
 
-    // What the EndpointSlices say of each pod: ready, and its zone.
-    let mut listed: HashMap<(String, String), (bool, String)> = HashMap::new();
+    // What the EndpointSlices say of each pod (by UID, so a recreated StatefulSet pod
+    // does not inherit its predecessor's entry): ready, and its zone. Slices of a
+    // Service that publishes not-ready addresses say nothing about readiness.
+    let publishes_not_ready: std::collections::HashSet<(String, String)> = services
+        .iter()
+        .filter(|s| s.spec.as_ref().and_then(|s| s.publish_not_ready_addresses) == Some(true))
+        .map(|s| (s.namespace().unwrap_or_default(), s.name_any()))
+        .collect();
+    let mut listed: HashMap<String, (bool, String)> = HashMap::new();
     for slice in slices {
         let ns = slice.namespace().unwrap_or_default();
+        let service = slice
+            .labels()
+            .get("kubernetes.io/service-name")
+            .cloned()
+            .unwrap_or_default();
+        if publishes_not_ready.contains(&(ns, service)) {
+            continue;
+        }
         for e in slice.endpoints.iter().flatten() {
-            let Some(pod) = e.target_ref.as_ref().filter(|r| r.kind.as_deref() == Some("Pod")) else {
+            let Some(uid) = e
+                .target_ref
+                .as_ref()
+                .filter(|r| r.kind.as_deref() == Some("Pod"))
+                .and_then(|r| r.uid.clone())
+            else {
                 continue;
             };
-            let Some(name) = pod.name.clone() else { continue };
             let ready = e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true);
             let zone = e.zone.clone().unwrap_or_default();
-            let entry = listed.entry((ns.clone(), name)).or_insert((false, zone));
+            let entry = listed.entry(uid).or_insert((false, zone));
             entry.0 |= ready;
         }
     }
@@ -230,8 +249,9 @@ pub fn documents(
                 }
             }
         }
-        if let Some((ready, zone)) = listed.get(&(ns.clone(), name.clone())) {
-            spec.ready = *ready;
+        if let Some((ready, zone)) = pod.uid().and_then(|uid| listed.get(&uid)) {
+            // A terminating pod is out whatever its slice says.
+            spec.ready = *ready && pod.metadata.deletion_timestamp.is_none();
             spec.zone = zone.clone();
         }
         docs.push(Document {
@@ -314,6 +334,21 @@ pub fn documents(
     (docs, errors)
 }
 
+/// In a cluster, objects that conflict with others (two TrafficPolicies for one
+/// Service, two pods on one address, a second MeshConfig) are left out and reported,
+/// and the rest is served: one team's object must not freeze every other team's mesh,
+/// as it would if the whole snapshot were refused. Each conflict is reported at the
+/// object that came second (documents are sorted by kind, namespace and name), which
+/// is the one left out.
+pub fn serveable((mut docs, mut errors): (Vec<Document>, Vec<String>)) -> (Vec<Document>, Vec<String>) {
+    if let Err(conflicts) = crate::resources::compute(&docs) {
+        let out: std::collections::HashSet<PathBuf> = conflicts.iter().map(|e| e.file.clone()).collect();
+        errors.extend(conflicts.iter().map(|e| format!("{e} (left out; the rest is served)")));
+        docs.retain(|d| !out.contains(&d.origin.file));
+    }
+    (docs, errors)
+}
+
 /// Kubernetes `appProtocol` values (IANA names, `kubernetes.io/h2c`, and the
 /// mesh's own) as the mesh's protocols; anything else is detected.
 fn app_protocol(value: Option<&str>) -> AppProtocol {
@@ -379,27 +414,43 @@ fn workload_spec(pod: &Pod) -> Option<WorkloadSpec> {
     if spec.host_network == Some(true) || matches!(status.phase.as_deref(), Some("Succeeded" | "Failed")) {
         return None;
     }
+    let service_account = spec
+        .service_account_name
+        .clone()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| "default".into());
+    // The control plane's own pods: its identity is never a workload's.
+    if pod.namespace().as_deref() == Some(crate::identity::CONTROL_PLANE_NAMESPACE)
+        && service_account == crate::identity::CONTROL_PLANE_SERVICE_ACCOUNT
+    {
+        return None;
+    }
     let address: IpAddr = status.pod_ip.as_deref()?.parse().ok()?;
     let meshed = spec
         .containers
         .iter()
         .chain(spec.init_containers.iter().flatten())
         .any(|c| c.name == PROXY_CONTAINER);
-    let ports = spec
+    let mut ports: Vec<WorkloadPort> = Vec::new();
+    for p in spec
         .containers
         .iter()
         .filter(|c| c.name != PROXY_CONTAINER)
         .flat_map(|c| c.ports.iter().flatten())
         .filter(|p| p.protocol.as_deref().unwrap_or("TCP") == "TCP")
-        .filter_map(|p| {
-            Some(WorkloadPort {
-                name: p.name.clone().unwrap_or_default(),
-                port: u16::try_from(p.container_port).ok()?,
-                app_protocol: AppProtocol::Detect,
-                mtls: None,
-            })
-        })
-        .collect();
+    {
+        // The API server lets a pod declare a port twice; the mesh needs it once.
+        match u16::try_from(p.container_port) {
+            Ok(port) if port != crate::local::DEFAULT_INBOUND_PORT && !ports.iter().any(|w| w.port == port) => ports
+                .push(WorkloadPort {
+                    name: p.name.clone().unwrap_or_default(),
+                    port,
+                    app_protocol: AppProtocol::Detect,
+                    mtls: None,
+                }),
+            _ => {}
+        }
+    }
     let ready = pod.metadata.deletion_timestamp.is_none()
         && status
             .conditions
@@ -407,11 +458,7 @@ fn workload_spec(pod: &Pod) -> Option<WorkloadSpec> {
             .flatten()
             .any(|c| c.type_ == "Ready" && c.status == "True");
     Some(WorkloadSpec {
-        service_account: spec
-            .service_account_name
-            .clone()
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| "default".into()),
+        service_account,
         address,
         ports,
         inbound_port: if meshed { crate::local::DEFAULT_INBOUND_PORT } else { 0 },
@@ -435,7 +482,7 @@ pub async fn run(
 ) {
     let mut last_good = LastGood::default();
     loop {
-        let (docs, errors) = stores.documents(&mut last_good);
+        let (docs, errors) = serveable(stores.documents(&mut last_good));
         publish(&docs, errors, "kubernetes", &snapshots, &status);
         changed.notified().await;
         let started = tokio::time::Instant::now();

@@ -240,7 +240,7 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("listing Services, EndpointSlices, Pods, Namespaces and the policy CRDs");
         stores.ready().await?;
         let mut last_good = kubernetes::LastGood::default();
-        let (docs, errors) = stores.documents(&mut last_good);
+        let (docs, errors) = kubernetes::serveable(stores.documents(&mut last_good));
         config_watch::publish(&docs, errors, "kubernetes", &snapshots, &status);
         Source::Kubernetes {
             client,
@@ -305,8 +305,9 @@ async fn main() -> anyhow::Result<()> {
         Source::Dir { dir, config } => (
             dir.display().to_string(),
             Arc::new(identity::JoinTokens(ca.clone())),
-            // Local mode knows no namespaces: only pod labels ask for injection.
-            Arc::new(|_: &str| None),
+            // Local mode knows no namespaces (none is labelled): only pod labels ask
+            // for injection.
+            Arc::new(|_: &str| Some(std::collections::BTreeMap::new())),
             tokio::spawn(config.run(snapshots, status, debounce)),
         ),
         Source::Kubernetes {

@@ -80,7 +80,11 @@ impl TargetRef {
     version = "v1alpha1",
     kind = "TrafficPolicy",
     namespaced,
-    shortname = "tp"
+    shortname = "tp",
+    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name":"Balancer","type":"string","jsonPath":".spec.loadBalancer.algorithm"}"#,
+    printcolumn = r#"{"name":"Attempts","type":"integer","jsonPath":".spec.retries.attempts"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct TrafficPolicySpec {
@@ -167,6 +171,7 @@ pub const RETRY_ON: &[&str] = &[
 pub struct Retries {
     /// Maximum attempts including the first, 1–10; default 3. `1` disables retries.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 10))]
     pub attempts: Option<u32>,
     /// Retryable conditions (see [`RETRY_ON`]); default `connect-failure`, `reset`,
     /// `refused-stream`, `gateway-error`, `unavailable`.
@@ -192,6 +197,7 @@ pub struct Retries {
 pub struct RetryBudget {
     /// 0.0–1.0; default 0.2.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
     pub ratio: Option<f64>,
     /// Default 10.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -228,6 +234,7 @@ pub struct OutlierDetection {
     pub max_ejection_time: Option<Duration>,
     /// 0–100; default 100 (never below one ready endpoint).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 100))]
     pub max_ejection_percent: Option<u32>,
 }
 
@@ -374,7 +381,10 @@ fn positive(d: &Option<Duration>, path: &str, errors: &mut Vec<FieldError>) {
     version = "v1alpha1",
     kind = "AuthorizationPolicy",
     namespaced,
-    shortname = "authz"
+    shortname = "authz",
+    printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
+    printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct AuthorizationPolicySpec {
@@ -586,7 +596,15 @@ fn check_pattern(value: &str, path: &str, errors: &mut Vec<FieldError>) {
 
 /// Mesh-wide settings. At most one per mesh; without one every default applies.
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
-#[kube(group = "policy.wary.io", version = "v1alpha1", kind = "MeshConfig")]
+#[kube(
+    group = "policy.wary.io",
+    version = "v1alpha1",
+    kind = "MeshConfig",
+    printcolumn = r#"{"name":"Trust domain","type":"string","jsonPath":".spec.trustDomain"}"#,
+    printcolumn = r#"{"name":"mTLS","type":"string","jsonPath":".spec.mtls.mode"}"#,
+    printcolumn = r#"{"name":"Default policy","type":"string","jsonPath":".spec.defaultInboundPolicy"}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
+)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MeshConfigSpec {
     /// The SPIFFE trust domain; default `cluster.local`.

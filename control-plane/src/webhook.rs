@@ -9,7 +9,8 @@
 //!
 //! A pod is always admitted, injected or not, except when one of its
 //! `config.wary.io/*` annotations is malformed: then it is refused with a message
-//! naming the annotation, so the mistake shows at `kubectl apply`. Served over TLS
+//! naming the annotation (for a bare Pod at `kubectl apply`; for a Deployment's pods
+//! in its ReplicaSet's `FailedCreate` events). Served over TLS
 //! with the certificate the chart issues for the webhook's Service name.
 
 use std::collections::BTreeMap;
@@ -33,7 +34,8 @@ use crate::metrics as m;
 /// the review may carry it twice).
 pub const MAX_REVIEW_BYTES: usize = 4 << 20;
 
-/// A namespace's labels by name; `None` when the namespace is unknown.
+/// A namespace's labels by name; `None` when the namespace is not known yet (the pod
+/// is then injected: the webhook configuration's namespaceSelector sent it).
 pub type NamespaceLabels = Arc<dyn Fn(&str) -> Option<BTreeMap<String, String>> + Send + Sync>;
 
 /// The webhook: what to inject, and how to read a namespace's labels.
@@ -85,13 +87,16 @@ impl Webhook {
             }
         };
         let namespace = request.namespace.as_deref().unwrap_or("default");
-        let labels = (self.namespace_labels)(namespace).unwrap_or_default();
+        // A namespace the watcher has not seen yet (just created, or labelled a moment
+        // ago): the API server's namespaceSelector already asked for injection, so
+        // trust it rather than admit the pod without its proxy.
+        let labels = (self.namespace_labels)(namespace);
         let name = object
             .metadata
             .name
             .as_deref()
             .or(object.metadata.generate_name.as_deref());
-        match inject::patch(&pod, Some(&labels), &self.config) {
+        match inject::patch(&pod, labels.as_ref(), &self.config) {
             Ok(Ok(patch)) => match allow.clone().with_patch(patch) {
                 Ok(patched) => {
                     outcome("injected");

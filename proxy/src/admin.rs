@@ -1,7 +1,9 @@
 //! The proxy's admin server (port 4191): `/live`, `/ready` (200 once discovery has
 //! delivered every subscribed type, 503 again once shutdown has begun), `/metrics` (Prometheus) and `/config_dump` (the
 //! proxy's current view of the mesh, JSON); `POST /shutdown`, from loopback only,
-//! shuts the proxy down as SIGTERM does (for Jobs whose app has finished).
+//! shuts the proxy down as SIGTERM does (for Jobs whose app has finished);
+//! `/app-health/<container>/<kind>` answers the kubelet probes the injector moved here
+//! ([`crate::probes`]).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -44,6 +46,8 @@ pub struct Admin {
     /// Notified by `POST /shutdown` (from loopback only): the proxy then shuts down as
     /// on SIGTERM.
     pub shutdown: Arc<tokio::sync::Notify>,
+    /// The kubelet probes the injector moved here (`/app-health/...`).
+    pub app_probes: Arc<crate::probes::AppProbes>,
 }
 
 impl Admin {
@@ -85,7 +89,14 @@ impl Admin {
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let admin = admin.clone();
-                    async move { Ok::<_, Infallible>(admin.route(req, peer)) }
+                    async move {
+                        if req.uri().path().starts_with("/app-health/")
+                            && let Some((status, body)) = admin.app_probes.answer(req.uri().path()).await
+                        {
+                            return Ok::<_, Infallible>(text(status, body));
+                        }
+                        Ok::<_, Infallible>(admin.route(req, peer))
+                    }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
@@ -140,6 +151,13 @@ impl Admin {
                     )
                 }
             }
+            // The mesh's topology and who may call whom: not for every pod in the cluster
+            // (the admin port is on the pod IP for probes and Prometheus).
+            "/config_dump" if !peer.ip().is_loopback() => text(
+                StatusCode::FORBIDDEN,
+                "/config_dump is served to loopback only: use `kubectl port-forward POD 4191` and ask from there\n"
+                    .into(),
+            ),
             "/config_dump" => {
                 let mut dump = config_dump(&self.cache.load());
                 dump["certificate"] = certificate_dump(&self.creds);

@@ -14,8 +14,11 @@
 //! The rules are one `iptables-restore --noflush` transaction on chains of Wary's own,
 //! after removing any jump a previous run left, so running init twice (a restarted
 //! pod keeps its network namespace) leaves one set of rules. Shape after Linkerd's
-//! proxy-init and Istio's istio-iptables. IPv4 only for now: the outbound listener
-//! is on 127.0.0.1.
+//! proxy-init and Istio's istio-iptables.
+//!
+//! The same rules go into ip6tables when it is there. The proxy listens on IPv4 only
+//! for now, so IPv6 TCP is redirected to ports where nothing listens: refused, never
+//! carried past the proxy (an app listening on `[::]` cannot be reached around mTLS).
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -92,29 +95,47 @@ impl Rules {
     /// `iptables-restore` is missing or refuses the rules (without `NET_ADMIN` it
     /// says "Permission denied"); the message carries its output and what to do.
     pub fn apply(&self) -> anyhow::Result<()> {
+        self.apply_with("iptables")?;
+        // IPv6 fails closed where the kernel and tools have it.
+        let has_ip6 = Command::new("ip6tables")
+            .args(["-w", "-t", "nat", "-L", "-n"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if has_ip6 {
+            self.apply_with("ip6tables")?;
+        } else {
+            eprintln!("wary-proxy init: no usable ip6tables: IPv6 rules not installed");
+        }
+        Ok(())
+    }
+
+    fn apply_with(&self, tool: &str) -> anyhow::Result<()> {
+        let restore = format!("{tool}-restore");
         for (chain, ours) in [("PREROUTING", INBOUND_CHAIN), ("OUTPUT", OUTBOUND_CHAIN)] {
             // `-D` fails once no jump is left; a bound keeps a broken iptables from
             // looping.
             for _ in 0..16 {
-                let removed = Command::new("iptables")
+                let removed = Command::new(tool)
                     .args(["-w", "-t", "nat", "-D", chain, "-p", "tcp", "-j", ours])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .status()
-                    .map_err(|e| anyhow::anyhow!("cannot run iptables: {e}: install iptables in the init image"))?;
+                    .map_err(|e| anyhow::anyhow!("cannot run {tool}: {e}: install iptables in the init image"))?;
                 if !removed.success() {
                     break;
                 }
             }
         }
         let input = self.restore_input();
-        let mut child = Command::new("iptables-restore")
+        let mut child = Command::new(&restore)
             .args(["-w", "--noflush"])
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .map_err(|e| anyhow::anyhow!("cannot run iptables-restore: {e}: install iptables in the init image"))?;
+            .map_err(|e| anyhow::anyhow!("cannot run {restore}: {e}: install iptables in the init image"))?;
         child
             .stdin
             .take()
@@ -123,7 +144,7 @@ impl Rules {
         let out = child.wait_with_output()?;
         if !out.status.success() {
             anyhow::bail!(
-                "iptables-restore refused the rules ({}): {}\nthe init step needs the NET_ADMIN and NET_RAW capabilities; the rules were:\n{input}",
+                "{restore} refused the rules ({}): {}\nthe init step needs the NET_ADMIN and NET_RAW capabilities; the rules were:\n{input}",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             );

@@ -19,6 +19,7 @@
 //!   protocol. [`http`] holds what both sides share.
 //! * [`admin`], [`metrics`], [`access`]: what operators see (and access logs, trace
 //!   context); [`drain`]: graceful shutdown.
+//! * [`probes`]: kubelet probes moved to the admin port, made to the app.
 //! * [`init`]: the pod's iptables rules (`wary-proxy init`), for transparent mode.
 
 #![forbid(unsafe_code)]
@@ -39,6 +40,7 @@ pub mod metrics;
 pub mod outbound;
 pub mod outlier;
 pub mod pool;
+pub mod probes;
 pub mod retry;
 pub mod routes;
 pub mod state;

@@ -126,6 +126,11 @@ struct Args {
     /// Log format: `text` or `json`. The level is set with RUST_LOG (default `info`).
     #[arg(long, env = "WARY_LOG_FORMAT", default_value = "text")]
     log_format: String,
+    /// The kubelet probes the injector moved to the admin port (JSON: admin path →
+    /// `{"http": {"port", "path", "headers"}}` or `{"tcp": {"port"}}`); the proxy makes
+    /// each to the app at the inbound address's IP.
+    #[arg(long, env = "WARY_APP_PROBES", hide_env_values = true)]
+    app_probes: Option<String>,
     /// Threads carrying traffic; default: the CPUs the process may use (its cgroup's
     /// CPU limit included). A sidecar with a one-CPU limit runs one. The admin server
     /// has a thread of its own besides.
@@ -365,6 +370,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         balancers: outbound.balancers(),
         drain: drain.clone(),
         shutdown: shutdown.clone(),
+        app_probes: Arc::new(match &args.app_probes {
+            Some(json) => wary_proxy::probes::AppProbes::parse(json, inbound_addr.ip()).map_err(anyhow::Error::msg)?,
+            None => wary_proxy::probes::AppProbes::default(),
+        }),
     };
     admin
         .serve_on_own_thread(admin_listener)

@@ -48,6 +48,9 @@ struct State {
     tokens: HashMap<String, (String, String, Vec<String>)>,
     /// Requests seen: `METHOD path`.
     log: Vec<String>,
+    /// The next Secret GET answers 404 whatever exists (another replica's create is
+    /// not visible yet: the race two replicas starting together run).
+    miss_next_secret_get: bool,
 }
 
 /// The fake API server; stops when dropped.
@@ -157,6 +160,12 @@ impl FakeApi {
                 audiences.iter().map(|a| a.to_string()).collect(),
             ),
         );
+    }
+
+    /// Makes the next Secret GET answer 404 even if the Secret exists, as when another
+    /// replica creates it a moment after this one looked.
+    pub fn miss_next_secret_get(&self) {
+        self.state.lock().unwrap().miss_next_secret_get = true;
     }
 
     /// Requests seen so far, `METHOD path`.
@@ -330,8 +339,9 @@ async fn handle(state: &Arc<Mutex<State>>, req: Request<Incoming>) -> Response<B
         && let Some((ns, tail)) = rest.split_once("/secrets")
     {
         let mut s = state.lock().unwrap();
+        let missed = method == Method::GET && std::mem::take(&mut s.miss_next_secret_get);
         return match (method, tail.strip_prefix('/')) {
-            (Method::GET, Some(name)) => match s.secrets.get(&format!("{ns}/{name}")) {
+            (Method::GET, Some(name)) => match s.secrets.get(&format!("{ns}/{name}")).filter(|_| !missed) {
                 Some(secret) => json_response(StatusCode::OK, secret),
                 None => json_response(
                     StatusCode::NOT_FOUND,

@@ -109,8 +109,15 @@ async fn the_webhook_injects_labelled_pods_once_and_leaves_others_alone() {
     json_patch::patch(&mut pod, &patch).expect("the patch applies to the pod sent");
 
     let spec = &pod["spec"];
-    assert_eq!(names(&spec["initContainers"]), ["wary-init", "wary-proxy"]);
-    assert_eq!(names(&spec["containers"]), ["orders"], "the app is untouched");
+    assert_eq!(names(&spec["initContainers"]), ["wary-init", "wary-proxy", "migrate"]);
+    assert_eq!(names(&spec["containers"]), ["orders"]);
+    // The kubelet's probes move to the proxy's admin port, which makes them to the app.
+    let app = &spec["containers"][0];
+    assert_eq!(app["readinessProbe"]["httpGet"]["path"], "/app-health/orders/readiness");
+    assert_eq!(app["readinessProbe"]["httpGet"]["port"], 4191);
+    assert_eq!(app["readinessProbe"]["periodSeconds"], 5, "the probe's timing is kept");
+    assert_eq!(app["livenessProbe"]["httpGet"]["path"], "/app-health/orders/liveness");
+    assert!(app["livenessProbe"].get("tcpSocket").is_none(), "{app}");
     let (init, proxy) = (&spec["initContainers"][0], &spec["initContainers"][1]);
     assert_eq!(
         init["args"],
@@ -132,6 +139,14 @@ async fn the_webhook_injects_labelled_pods_once_and_leaves_others_alone() {
         .map(|e| (e["name"].as_str().unwrap(), e))
         .collect();
     assert_eq!(env["WARY_OPAQUE_PORTS"]["value"], "6379");
+    let probes: Value = serde_json::from_str(env["WARY_APP_PROBES"]["value"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        probes,
+        serde_json::json!({
+            "/app-health/orders/readiness": {"http": {"port": 8080, "path": "/healthz", "headers": []}},
+            "/app-health/orders/liveness": {"tcp": {"port": 8080}},
+        })
+    );
     assert_eq!(env["WARY_INBOUND_ADDR"]["value"], "$(POD_IP):4143");
     assert_eq!(
         env["WARY_WORKLOAD"]["valueFrom"]["fieldRef"]["fieldPath"],
@@ -366,7 +381,21 @@ async fn the_watchers_compute_what_the_directory_does_through_changes_deletes_an
     // The mesh CA went into a Secret, and a second replica signs with the same CA.
     let secret = api.secret("wary-system", "wary-ca").expect("the CA Secret");
     assert!(secret["data"]["issuer-key.pem"].is_string(), "{secret}");
+    // It looks before the first has created the Secret, creates a CA of its own, and
+    // loses the create (409): it must use the winner's.
+    api.miss_next_secret_get();
     let replica = ControlPlane::start_kubernetes(api.kubeconfig()).await;
+    let creates = api
+        .requests()
+        .iter()
+        .filter(|r| *r == "POST /api/v1/namespaces/wary-system/secrets")
+        .count();
+    assert_eq!(
+        creates,
+        2,
+        "the replica tried to create the CA and lost: {:?}",
+        api.requests()
+    );
     assert_eq!(
         std::fs::read_to_string(&replica.trust_anchors).unwrap(),
         std::fs::read_to_string(&cp.trust_anchors).unwrap(),
@@ -430,6 +459,7 @@ async fn the_watchers_compute_what_the_directory_does_through_changes_deletes_an
     e3["addresses"] = serde_json::json!(["10.244.2.13"]);
     e3["conditions"]["ready"] = true.into();
     e3["targetRef"]["name"] = "web-3".into();
+    e3["targetRef"]["uid"] = "pod-web-3".into();
     slice["endpoints"][1]["conditions"]["ready"] = true.into();
     slice["endpoints"] = serde_json::json!([slice["endpoints"][1].clone(), e3]);
     api.apply(slice);
@@ -448,6 +478,27 @@ async fn the_watchers_compute_what_the_directory_does_through_changes_deletes_an
     })
     .await;
     same_resources(&cp, &dir, "after watch events").await;
+
+    // A second TrafficPolicy for the same Service conflicts: it is left out and
+    // reported, and the rest of the cluster is still served as before.
+    let mut dup = tp.clone();
+    dup["metadata"]["name"] = "web-dup".into();
+    dup["metadata"]["uid"] = "tp-web-dup".into();
+    api.apply(dup.clone());
+    wary_tests::wait_until("the conflicting TrafficPolicy is reported", || async {
+        let status = cp.config_status().await;
+        status["errors"]
+            .as_array()?
+            .iter()
+            .any(|e| {
+                e.as_str()
+                    .is_some_and(|e| e.starts_with("kubernetes:TrafficPolicy/shop/web-dup") && e.contains("left out"))
+            })
+            .then_some(())
+    })
+    .await;
+    same_resources(&cp, &dir, "with a conflicting TrafficPolicy").await;
+    api.delete(&dup);
 
     // An invalid change keeps the last good version in force, and says why.
     let mut bad = tp.clone();

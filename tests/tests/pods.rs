@@ -13,7 +13,6 @@
 //! control plane, to each other, to the app) must not be redirected back to them.
 //! The host's network is never touched; the namespaces go when the test ends.
 
-use std::os::unix::fs::PermissionsExt;
 use std::process::Stdio;
 
 use tokio::process::{Child, Command};
@@ -151,13 +150,8 @@ spec: {serviceAccount: client, address: 10.77.0.2}
     let cp_bin = cp_bin.to_str().unwrap();
     let ca = mesh.ca_path().to_str().unwrap().to_string();
     run(&[cp_bin, "ca", "init", "--ca-dir", &ca]).await;
-    // The proxies run as UID 2102: their trust bundle must be readable by it.
-    let shared = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(shared.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-    let anchors = shared.path().join("anchors.pem");
-    std::fs::write(&anchors, run(&[cp_bin, "ca", "bundle", "--ca-dir", &ca]).await).unwrap();
-    std::fs::set_permissions(&anchors, std::fs::Permissions::from_mode(0o644)).unwrap();
-    let anchors = anchors.to_str().unwrap();
+    // The trust bundle inline, as the injector hands it to a pod's proxy.
+    let anchors = run(&[cp_bin, "ca", "bundle", "--ca-dir", &ca]).await;
 
     let _cp = spawn_in(
         &node,
@@ -168,6 +162,10 @@ spec: {serviceAccount: client, address: 10.77.0.2}
         ],
     );
     let mut proxies = Vec::new();
+    // The server pod's kubelet probes, as the injector moves them to the admin port.
+    let probes = r#"{"/app-health/app/readiness": {"http": {"port": 8080, "path": "/api/work"}},
+                     "/app-health/app/liveness": {"tcp": {"port": 8080}},
+                     "/app-health/app/startup": {"tcp": {"port": 8081}}}"#;
     for (pod, workload, ip) in [(&pod_a, "client", "10.77.0.2"), (&pod_b, "server", "10.77.0.3")] {
         let token = run(&[cp_bin, "token", "--workload", workload, "--ca-dir", &ca]).await;
         let inbound = format!("{ip}:4143");
@@ -185,12 +183,13 @@ spec: {serviceAccount: client, address: 10.77.0.2}
             ],
             &[
                 ("WARY_CONTROL_PLANE", "https://10.77.0.1:8086"),
-                ("WARY_TRUST_ANCHORS", anchors),
+                ("WARY_TRUST_ANCHORS_PEM", &anchors),
                 ("WARY_JOIN_TOKEN", token.trim()),
                 ("WARY_WORKLOAD", workload),
                 ("WARY_INBOUND_ADDR", &inbound),
                 ("WARY_OUTBOUND_ADDR", "127.0.0.1:4140"),
                 ("WARY_ADMIN_ADDR", "0.0.0.0:4191"),
+                ("WARY_APP_PROBES", probes),
             ],
         ));
     }
@@ -283,5 +282,35 @@ spec: {serviceAccount: client, address: 10.77.0.2}
     .await;
     assert!(around.is_err(), "plaintext reached the app: {around:?}");
     assert!(packets(&pod_b, "WARY_INBOUND", "redir ports 4143").await >= 1);
+
+    // The kubelet's probes, moved to the admin port, reach the app through the proxy
+    // (a node's plaintext to the app port itself is refused above).
+    let probe = |path: &str| {
+        let (node, url) = (node.clone(), format!("http://10.77.0.3:4191{path}"));
+        async move {
+            output(&[
+                "ip",
+                "netns",
+                "exec",
+                &node,
+                "curl",
+                "-sS",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+                &url,
+            ])
+            .await
+            .unwrap_or_else(|e| panic!("{e}"))
+        }
+    };
+    assert_eq!(probe("/app-health/app/readiness").await, "200");
+    assert_eq!(probe("/app-health/app/liveness").await, "200");
+    assert_eq!(probe("/app-health/app/startup").await, "503", "nothing listens on 8081");
+    // The proxy's view of the mesh is not for the cluster.
+    assert_eq!(probe("/config_dump").await, "403");
     drop(proxies);
 }
