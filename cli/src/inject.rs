@@ -53,6 +53,20 @@ pub fn run(args: InjectArgs) -> anyhow::Result<()> {
             anchors_path.display()
         )
     })?;
+    // It goes into every pod spec: it must be certificates, and never a key.
+    if trust_anchors_pem.contains("PRIVATE KEY") {
+        bail!(
+            "{} holds a private key: give the trust bundle (`wary-control-plane ca bundle`), never the CA's key",
+            anchors_path.display()
+        );
+    }
+    wary_certs::credentials::TrustBundle::from_pem(&trust_anchors_pem).map_err(|e| {
+        anyhow::anyhow!(
+            "{} is not a trust bundle ({e}): `wary-control-plane ca bundle > FILE` writes one",
+            anchors_path.display()
+        )
+    })?;
+    let trust_anchors_pem = trust_anchors_pem.replace("\r\n", "\n");
     let defaults = InjectConfig::default();
     let config = InjectConfig {
         image: args.proxy_image.unwrap_or(defaults.image.clone()),
@@ -121,13 +135,27 @@ fn inject_object(object: &mut Value, config: &InjectConfig, note: &mut dyn FnMut
             object.pointer_mut("/spec/template")
         }
         "CronJob" => object.pointer_mut("/spec/jobTemplate/spec/template"),
-        _ => return Ok(()),
+        _ => {
+            if !kind.is_empty() && object.pointer("/spec/template/spec").is_some() {
+                note(format!(
+                    "{kind} {name} passed through: wary inject does not know this kind; inject its pods with the webhook"
+                ));
+            }
+            return Ok(());
+        }
     };
     let Some(template) = template else {
         bail!("{kind} {name} has no pod template");
     };
     match patch(template, None, config).map_err(|e| anyhow::anyhow!("{kind} {name}: {e}"))? {
-        Ok(ops) => json_patch::patch(template, &ops).with_context(|| format!("{kind} {name}: applying the patch"))?,
+        Ok(injection) => {
+            json_patch::patch(template, &injection.patch)
+                .with_context(|| format!("{kind} {name}: applying the patch"))?;
+            note(format!("{kind} {name} injected"));
+            for w in injection.warnings {
+                note(format!("{kind} {name}: warning: {w}"));
+            }
+        }
         Err(skipped) => note(format!("{kind} {name} left as it is: {skipped}")),
     }
     Ok(())
@@ -160,7 +188,8 @@ data: {a: b}
         let config = InjectConfig::default();
         let mut notes = Vec::new();
         let once = inject_manifest(MANIFEST, &config, &mut |n| notes.push(n)).unwrap();
-        assert!(notes.is_empty(), "{notes:?}");
+        assert_eq!(notes, ["Deployment web injected"]);
+        notes.clear();
         let docs: Vec<Value> = serde_yaml::Deserializer::from_str(&once)
             .map(|d| Value::deserialize(d).unwrap())
             .collect();

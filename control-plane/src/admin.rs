@@ -79,11 +79,16 @@ impl Admin {
                 if *self.serving.borrow() {
                     text(StatusCode::OK, "ok\n".into())
                 } else {
-                    let errors = self.status.borrow().errors.join("\n");
-                    text(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        format!("not ready: the configuration has errors; fix them and it will serve:\n{errors}\n"),
-                    )
+                    let status = self.status.borrow();
+                    let why = if status.reloads == 0 {
+                        "not ready: still reading the configuration (in a cluster, listing its objects: see the log if this lasts)\n".to_string()
+                    } else {
+                        format!(
+                            "not ready: the configuration has errors; fix them and it will serve:\n{}\n",
+                            status.errors.join("\n")
+                        )
+                    };
+                    text(StatusCode::SERVICE_UNAVAILABLE, why)
                 }
             }
             "/config" => json(&*self.status.borrow()),

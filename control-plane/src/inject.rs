@@ -130,18 +130,36 @@ impl std::fmt::Display for Skipped {
     }
 }
 
+/// What injecting a pod takes: the patch, and what the user should know (a probe
+/// that could not be moved, an annotation Wary does not read).
+#[derive(Debug, Clone)]
+pub struct Injection {
+    /// The JSON Patch (RFC 6902) to apply to the pod as given.
+    pub patch: json_patch::Patch,
+    /// Warnings, one sentence each, saying what to do.
+    pub warnings: Vec<String>,
+}
+
+/// The `config.wary.io/*` annotations Wary reads.
+pub const CONFIG_ANNOTATIONS: [&str; 3] = [SKIP_INBOUND_PORTS, SKIP_OUTBOUND_PORTS, OPAQUE_PORTS];
+
 /// A pod (or pod template) the injector cannot read.
 #[derive(Debug, thiserror::Error)]
 #[error("cannot inject this pod: {0}")]
 pub struct InjectError(String);
 
-/// Whether a pod whose labels are `pod_labels`, in a namespace labelled
-/// `namespace_labels` (`None`: unknown, as offline), asks for injection.
+/// Whether a pod whose labels are `pod_labels` (and annotations `pod_annotations`:
+/// `wary.io/inject` is honoured there too, as Linkerd users write it), in a namespace
+/// labelled `namespace_labels` (`None`: unknown, as offline), asks for injection.
 pub fn requested(
     pod_labels: &BTreeMap<String, String>,
+    pod_annotations: &BTreeMap<String, String>,
     namespace_labels: Option<&BTreeMap<String, String>>,
 ) -> Result<(), Skipped> {
-    match pod_labels.get(INJECT_LABEL).map(String::as_str) {
+    let asked = pod_labels
+        .get(INJECT_LABEL)
+        .or_else(|| pod_annotations.get(INJECT_LABEL));
+    match asked.map(String::as_str) {
         Some("disabled") => Err(Skipped::OptedOut),
         Some("enabled") => Ok(()),
         _ => match namespace_labels {
@@ -164,7 +182,7 @@ pub fn patch(
     template: &Value,
     namespace_labels: Option<&BTreeMap<String, String>>,
     config: &InjectConfig,
-) -> Result<Result<json_patch::Patch, Skipped>, InjectError> {
+) -> Result<Result<Injection, Skipped>, InjectError> {
     let pod: PodTemplateSpec =
         serde_json::from_value(template.clone()).map_err(|e| InjectError(format!("it is not a pod: {e}")))?;
     let meta = pod.metadata.clone().unwrap_or_default();
@@ -172,7 +190,7 @@ pub fn patch(
         return Err(InjectError("it has no spec".into()));
     };
     let labels = meta.labels.clone().unwrap_or_default();
-    if let Err(skipped) = requested(&labels, namespace_labels) {
+    if let Err(skipped) = requested(&labels, &meta.annotations.clone().unwrap_or_default(), namespace_labels) {
         return Ok(Err(skipped));
     }
     let has_proxy = |cs: &Option<Vec<Container>>| cs.iter().flatten().any(|c| c.name == PROXY_CONTAINER);
@@ -205,7 +223,15 @@ pub fn patch(
         ports(SKIP_OUTBOUND_PORTS)?,
         ports(OPAQUE_PORTS)?,
     );
-    let (rewritten, app_probes) = rewrite_probes(&spec.containers);
+    let (rewritten, app_probes, mut warnings) = rewrite_probes(&spec.containers);
+    for key in annotations.keys() {
+        if key.starts_with("config.wary.io/") && !CONFIG_ANNOTATIONS.contains(&key.as_str()) {
+            warnings.push(format!(
+                "annotation {key} is not one Wary reads ({}): it does nothing; check its spelling",
+                CONFIG_ANNOTATIONS.join(", ")
+            ));
+        }
+    }
     let (init, proxy, volumes) = sidecar(config, &skip_in, &skip_out, &opaque, &app_probes);
 
     // The patch adds what the proxy needs and replaces only the probes it moves, so
@@ -261,9 +287,9 @@ pub fn patch(
         }
         add("/spec/containers/0".into(), value(&proxy)?);
     }
-    serde_json::from_value(Value::Array(ops))
-        .map(Ok)
-        .map_err(|e| InjectError(format!("building the patch: {e}")))
+    let patch =
+        serde_json::from_value(Value::Array(ops)).map_err(|e| InjectError(format!("building the patch: {e}")))?;
+    Ok(Ok(Injection { patch, warnings }))
 }
 
 /// A JSON Pointer token (RFC 6901): `~` and `/` escaped.
@@ -291,10 +317,11 @@ fn app_health_path(container: &str, kind: &str) -> String {
 /// the moved probes (container index, field, new probe) and the originals for
 /// `WARY_APP_PROBES` (JSON: path → `{"http": {"port", "path", "headers"}}` or
 /// `{"tcp": {"port"}}`). A probe on a named port the container does not declare, or
-/// over HTTPS or gRPC, is left as it is.
-fn rewrite_probes(containers: &[Container]) -> (Vec<MovedProbe>, BTreeMap<String, Value>) {
+/// over HTTPS or gRPC, is left as it is, with a warning.
+fn rewrite_probes(containers: &[Container]) -> (Vec<MovedProbe>, BTreeMap<String, Value>, Vec<String>) {
     let mut moved = Vec::new();
     let mut originals = BTreeMap::new();
+    let mut warnings = Vec::new();
     for (i, c) in containers.iter().enumerate() {
         let port_of = |p: &IntOrString| -> Option<u16> {
             match p {
@@ -313,8 +340,22 @@ fn rewrite_probes(containers: &[Container]) -> (Vec<MovedProbe>, BTreeMap<String
             ("startupProbe", "startup", &c.startup_probe),
         ] {
             let Some(probe) = probe else { continue };
+            let unmoved = |why: &str| {
+                format!(
+                    "container {}: its {kind} probe ({why}) is not moved to the proxy, and strict mTLS refuses the kubelet's plaintext on the app port: probe over HTTP or TCP, or list the port in {SKIP_INBOUND_PORTS} (it is then reachable without mTLS)",
+                    c.name
+                )
+            };
+            if probe.grpc.is_some() {
+                warnings.push(unmoved("gRPC"));
+                continue;
+            }
             let original = if let Some(get) = &probe.http_get {
                 let plain = get.scheme.as_deref().is_none_or(|s| s.eq_ignore_ascii_case("HTTP"));
+                if !plain {
+                    warnings.push(unmoved("HTTPS"));
+                    continue;
+                }
                 match (plain, port_of(&get.port)) {
                     (true, Some(port)) => serde_json::json!({"http": {
                         "port": port,
@@ -322,12 +363,18 @@ fn rewrite_probes(containers: &[Container]) -> (Vec<MovedProbe>, BTreeMap<String
                         "headers": get.http_headers.iter().flatten()
                             .map(|h| (h.name.clone(), h.value.clone())).collect::<Vec<_>>(),
                     }}),
-                    _ => continue,
+                    _ => {
+                        warnings.push(unmoved("a port the container does not declare"));
+                        continue;
+                    }
                 }
             } else if let Some(tcp) = &probe.tcp_socket {
                 match port_of(&tcp.port) {
                     Some(port) => serde_json::json!({"tcp": {"port": port}}),
-                    None => continue,
+                    None => {
+                        warnings.push(unmoved("a port the container does not declare"));
+                        continue;
+                    }
                 }
             } else {
                 continue;
@@ -344,7 +391,7 @@ fn rewrite_probes(containers: &[Container]) -> (Vec<MovedProbe>, BTreeMap<String
             moved.push((i, field, probe));
         }
     }
-    (moved, originals)
+    (moved, originals, warnings)
 }
 
 fn env(name: &str, value: impl Into<String>) -> EnvVar {

@@ -66,11 +66,20 @@ struct WebhookArgs {
     #[arg(long, env = "WARY_WEBHOOK_ADDR", requires_all = ["webhook_cert", "webhook_key"])]
     webhook_addr: Option<SocketAddr>,
     /// The webhook's TLS certificate chain (PEM), for its Service's DNS name.
-    #[arg(long, env = "WARY_WEBHOOK_CERT")]
+    #[arg(long, env = "WARY_WEBHOOK_CERT", requires = "webhook_addr")]
     webhook_cert: Option<PathBuf>,
     /// The webhook's TLS private key (PEM).
-    #[arg(long, env = "WARY_WEBHOOK_KEY")]
+    #[arg(long, env = "WARY_WEBHOOK_KEY", requires = "webhook_addr")]
     webhook_key: Option<PathBuf>,
+    /// The CPU request of injected proxies (Kubernetes quantity).
+    #[arg(long, env = "WARY_PROXY_CPU_REQUEST", default_value = "100m")]
+    proxy_cpu_request: String,
+    /// The memory request of injected proxies.
+    #[arg(long, env = "WARY_PROXY_MEMORY_REQUEST", default_value = "32Mi")]
+    proxy_memory_request: String,
+    /// The memory limit of injected proxies.
+    #[arg(long, env = "WARY_PROXY_MEMORY_LIMIT", default_value = "256Mi")]
+    proxy_memory_limit: String,
     /// The image injected proxies (and their init step) run.
     #[arg(long, env = "WARY_PROXY_IMAGE")]
     proxy_image: Option<String>,
@@ -190,7 +199,8 @@ fn operator(command: Command) -> anyhow::Result<()> {
                 }
                 CaAction::Bundle => {
                     let store = CaStore::open_or_create(&dir, &td)?;
-                    print!("{}", wary_control_plane::ca_store::bundle_pem(&*store.current()?));
+                    let pem = wary_control_plane::ca_store::bundle_pem(&*store.current()?);
+                    print!("{}", pem.replace("\r\n", "\n"));
                 }
                 CaAction::AddAnchor => {
                     CaStore::add_anchor(&dir, &td)?;
@@ -229,15 +239,35 @@ async fn main() -> anyhow::Result<()> {
     let (snapshots, rx) = watch::channel(Arc::new(Snapshot::default()));
     let (status, status_rx) = watch::channel(config_watch::ConfigStatus::default());
     let debounce = Duration::from_millis(args.debounce_ms);
-    // The first read happens before the servers start, so the first proxy gets the
-    // configuration rather than an empty state.
+    // The admin server first: /live and /ready (503, saying why) answer while the
+    // configuration is still being read (a cluster may take a while to list).
+    let (serving_tx, serving) = watch::channel(false);
+    let registry = Arc::new(discovery::ProxyRegistry::default());
+    let admin_listener = TcpListener::bind(args.admin_addr).await.with_context(|| {
+        format!(
+            "cannot listen on {} for admin: pick another with --admin-addr",
+            args.admin_addr
+        )
+    })?;
+    let admin_addr = admin_listener.local_addr()?;
+    let admin = Admin {
+        prometheus,
+        registry: registry.clone(),
+        status: status_rx.clone(),
+        serving: serving.clone(),
+    };
+    tokio::spawn(admin.serve(admin_listener));
+    // The first read happens before the discovery server starts, so the first proxy
+    // gets the configuration rather than an empty state.
     let source = if args.kubernetes {
-        let client = kube::Client::try_default().await.context(
-            "cannot reach the Kubernetes API: in a pod the service account's credentials are used, elsewhere KUBECONFIG",
+        let config = kube::Config::infer().await.context(
+            "no Kubernetes API to read: in a pod the service account's credentials are used, elsewhere KUBECONFIG",
         )?;
+        let cluster = config.cluster_url.clone();
+        let client = kube::Client::try_from(config).context("cannot set up the Kubernetes client")?;
         let changed = Arc::new(tokio::sync::Notify::new());
         let stores = kubernetes::watch_cluster(&client, changed.clone());
-        tracing::info!("listing Services, EndpointSlices, Pods, Namespaces and the policy CRDs");
+        tracing::info!(%cluster, "listing Services, EndpointSlices, Pods, Namespaces and the policy CRDs (discovery starts once all are listed; a failing list is retried and logged)");
         stores.ready().await?;
         let mut last_good = kubernetes::LastGood::default();
         let (docs, errors) = kubernetes::serveable(stores.documents(&mut last_good));
@@ -328,7 +358,6 @@ async fn main() -> anyhow::Result<()> {
     // Discovery is served only once the directory has read clean: a file that is broken
     // at start-up has no last good version, and serving without it would tell every
     // reconnecting proxy to remove what that file declares.
-    let (serving_tx, serving) = watch::channel(false);
     let mut clean = status_rx.clone();
     // In a cluster an invalid object is left out (or kept at its last good version)
     // and the rest is served: one team's bad policy must not stop the mesh.
@@ -345,33 +374,18 @@ async fn main() -> anyhow::Result<()> {
         }
     });
 
-    let registry = Arc::new(discovery::ProxyRegistry::default());
     let discovery_listener = TcpListener::bind(args.discovery_addr).await.with_context(|| {
         format!(
             "cannot listen on {} for discovery: is another control plane running? Pick another with --discovery-addr",
             args.discovery_addr
         )
     })?;
-    let admin_listener = TcpListener::bind(args.admin_addr).await.with_context(|| {
-        format!(
-            "cannot listen on {} for admin: pick another with --admin-addr",
-            args.admin_addr
-        )
-    })?;
     let discovery_addr = discovery_listener.local_addr()?;
-    let admin_addr = admin_listener.local_addr()?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let id = format!("wary-control-plane/{}", std::process::id());
     let identity_service = identity::IdentityService::new(ca.clone(), rx.clone(), verifier);
-    let service = discovery::DiscoveryService::new(rx, registry.clone(), id, shutdown, serving.clone());
-    let admin = Admin {
-        prometheus,
-        registry,
-        status: status_rx,
-        serving,
-    };
-    tokio::spawn(admin.serve(admin_listener));
+    let service = discovery::DiscoveryService::new(rx, registry, id, shutdown, serving);
 
     let webhook_addr = match args.webhook.webhook_addr {
         None => None,
@@ -395,6 +409,9 @@ async fn main() -> anyhow::Result<()> {
                     trust_domain: mesh.trust_domain.to_string(),
                     trust_anchors_pem: ca.current()?.bundle.to_pem().replace("\r\n", "\n"),
                     native_sidecar: w.native_sidecars,
+                    cpu_request: w.proxy_cpu_request.clone(),
+                    memory_request: w.proxy_memory_request.clone(),
+                    memory_limit: w.proxy_memory_limit.clone(),
                     ..defaults
                 },
                 namespace_labels,

@@ -97,10 +97,14 @@ impl Webhook {
             .as_deref()
             .or(object.metadata.generate_name.as_deref());
         match inject::patch(&pod, labels.as_ref(), &self.config) {
-            Ok(Ok(patch)) => match allow.clone().with_patch(patch) {
-                Ok(patched) => {
+            Ok(Ok(injection)) => match allow.clone().with_patch(injection.patch) {
+                Ok(mut patched) => {
                     outcome("injected");
-                    tracing::info!(namespace, pod = name, "injected the proxy");
+                    tracing::info!(namespace, pod = name, warnings = ?injection.warnings, "injected the proxy");
+                    // Shown by kubectl to whoever created the pod.
+                    if !injection.warnings.is_empty() {
+                        patched.warnings = Some(injection.warnings.iter().map(|w| format!("wary: {w}")).collect());
+                    }
                     patched
                 }
                 Err(e) => {

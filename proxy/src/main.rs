@@ -174,6 +174,23 @@ struct InitArgs {
 }
 
 fn init(args: InitArgs) -> anyhow::Result<()> {
+    if args.proxy_uid == 0 {
+        bail!(
+            "--proxy-uid 0 would exempt every root process, and so most apps, from the mesh: run the proxy as its own UID (default 2102)"
+        );
+    }
+    let ports = [
+        ("--inbound-port", args.inbound_port),
+        ("--outbound-port", args.outbound_port),
+        ("--admin-port", args.admin_port),
+    ];
+    for (i, (a, pa)) in ports.iter().enumerate() {
+        for (b, pb) in &ports[i + 1..] {
+            if pa == pb {
+                bail!("{a} and {b} are both {pa}: the proxy's ports must differ, or traffic loops");
+            }
+        }
+    }
     let mut skip_inbound = vec![args.admin_port];
     skip_inbound.extend(args.skip_inbound_ports.0);
     let rules = wary_proxy::init::Rules {

@@ -182,6 +182,23 @@ async fn the_webhook_injects_labelled_pods_once_and_leaves_others_alone() {
     std::fs::write(&patched, serde_yaml::to_string(&pod).unwrap()).unwrap();
     eprintln!("{}", check_chart(&[&patched]));
 
+    // What cannot be done as asked is said, and kubectl shows it: a gRPC probe stays
+    // where strict mTLS refuses it, and a misspelt annotation does nothing.
+    let mut warned = review.clone();
+    warned["request"]["object"]["spec"]["containers"][0]["startupProbe"] = serde_json::json!({"grpc": {"port": 9000}});
+    warned["request"]["object"]["metadata"]["annotations"]["config.wary.io/skip-outbond-ports"] = "5432".into();
+    let answer = post_review(&url, &cert, &warned).await;
+    assert_eq!(answer["response"]["allowed"], true);
+    let warnings = answer["response"]["warnings"].to_string();
+    assert!(
+        warnings.contains("container orders: its startup probe (gRPC) is not moved"),
+        "{warnings}"
+    );
+    assert!(
+        warnings.contains("annotation config.wary.io/skip-outbond-ports is not one Wary reads"),
+        "{warnings}"
+    );
+
     // A second pass (the API server may call again) changes nothing.
     let mut again = review.clone();
     again["request"]["object"] = pod.clone();
@@ -282,6 +299,16 @@ spec:
         std::fs::write(&path, text).unwrap();
         outputs.push(path);
     }
+    // The CA's key is never taken for the trust bundle that goes into every pod spec.
+    let out = std::process::Command::new(binary("wary"))
+        .args(["inject", "--trust-anchors"])
+        .arg(ca.join("issuer-key.pem"))
+        .arg(&manifest)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("holds a private key"), "{err}");
     let report = check_chart(&outputs.iter().map(|p| p.as_path()).collect::<Vec<_>>());
     eprintln!("{report}");
     assert!(report.contains("chart lints clean"), "{report}");
