@@ -86,35 +86,57 @@ impl Admin {
                 }
             };
             let admin = self.clone();
+            let shutdown = self.shutdown.clone();
+            // Set by POST /shutdown; acted on once this connection has closed, so the
+            // answer reaches the client before the proxy begins to exit.
+            let requested = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let asked = requested.clone();
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
-                    let admin = admin.clone();
+                    let (admin, asked) = (admin.clone(), asked.clone());
                     async move {
                         if req.uri().path().starts_with("/app-health/")
                             && let Some((status, body)) = admin.app_probes.answer(req.uri().path()).await
                         {
                             return Ok::<_, Infallible>(text(status, body));
                         }
-                        Ok::<_, Infallible>(admin.route(req, peer))
+                        Ok::<_, Infallible>(admin.route(req, peer, &asked))
                     }
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), service)
                     .await;
+                if requested.load(std::sync::atomic::Ordering::Acquire) {
+                    shutdown.notify_one();
+                }
             });
         }
     }
 
-    fn route(&self, req: Request<Incoming>, peer: std::net::SocketAddr) -> Response<Full<Bytes>> {
+    fn route(
+        &self,
+        req: Request<Incoming>,
+        peer: std::net::SocketAddr,
+        shutdown_requested: &std::sync::atomic::AtomicBool,
+    ) -> Response<Full<Bytes>> {
         if req.uri().path() == "/shutdown" {
             return match (req.method(), peer.ip().is_loopback()) {
                 (&Method::POST, true) => {
                     tracing::info!(%peer, "shutdown requested on the admin endpoint");
-                    self.shutdown.notify_one();
-                    text(
+                    let mut r = text(
                         StatusCode::ACCEPTED,
                         "shutting down: draining the app's traffic\n".into(),
-                    )
+                    );
+                    if req.version() == http::Version::HTTP_2 {
+                        self.shutdown.notify_one();
+                    } else {
+                        // The client closes, and the shutdown starts once it has the
+                        // answer (an idle proxy exits at once).
+                        shutdown_requested.store(true, std::sync::atomic::Ordering::Release);
+                        r.headers_mut()
+                            .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+                    }
+                    r
                 }
                 (&Method::POST, false) => text(
                     StatusCode::FORBIDDEN,
