@@ -141,23 +141,54 @@ pub fn reload(source: &mut ConfigDir, snapshots: &watch::Sender<Arc<Snapshot>>, 
         read_ms = started.elapsed().as_millis(),
         "configuration read"
     );
-    publish(&loaded.documents, errors, &dir, snapshots, status);
+    publish(
+        &loaded.documents,
+        errors,
+        OnConflict::KeepLastGood,
+        &dir,
+        snapshots,
+        status,
+    );
+}
+
+/// What a cross-document conflict (the same object twice, two TrafficPolicies for one
+/// Service, two workloads on one address) does to the published state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnConflict {
+    /// Keep the last good snapshot (a directory: the person editing it is told, and
+    /// nothing half-edited goes out).
+    KeepLastGood,
+    /// Leave out each conflicting object (the one reported, which came second) and
+    /// serve the rest (a cluster: one team's object must not freeze every other
+    /// team's mesh).
+    LeaveOut,
 }
 
 /// Computes the resources of `documents` and publishes them if they changed; the
 /// source's own `errors` (documents it could not read) are reported with any
-/// cross-document problem, and on such a problem the last good snapshot stays. The
-/// file and Kubernetes sources both end here.
+/// cross-document problem, handled as `on_conflict` says. The file and Kubernetes
+/// sources both end here.
 pub fn publish(
     documents: &[crate::source::Document],
     mut errors: Vec<String>,
+    on_conflict: OnConflict,
     source: &str,
     snapshots: &watch::Sender<Arc<Snapshot>>,
     status: &watch::Sender<ConfigStatus>,
 ) {
     let mut warnings = Vec::new();
     let started = std::time::Instant::now();
-    let computed = resources::compute(documents);
+    let mut computed = resources::compute(documents);
+    if let (Err(conflicts), OnConflict::LeaveOut) = (&computed, on_conflict) {
+        let out: std::collections::HashSet<&std::path::Path> = conflicts.iter().map(|e| e.file.as_path()).collect();
+        errors.extend(conflicts.iter().map(|e| format!("{e} (left out; the rest is served)")));
+        let kept: Vec<crate::source::Document> = documents
+            .iter()
+            .filter(|d| !out.contains(d.origin.file.as_path()))
+            .cloned()
+            .collect();
+        computed = resources::compute(&kept);
+    }
     tracing::debug!(compute_ms = started.elapsed().as_millis(), "resources computed");
     match computed {
         Ok((snapshot, warns)) => {

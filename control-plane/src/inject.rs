@@ -52,7 +52,7 @@ pub const TOKEN_DIR: &str = "/var/run/secrets/wary.io/serviceaccount";
 /// The proxy's admin port (probes, `/metrics`).
 pub const ADMIN_PORT: u16 = 4191;
 /// The proxy's inbound (mTLS) port.
-pub const INBOUND_PORT: u16 = 4143;
+pub const INBOUND_PORT: u16 = crate::local::DEFAULT_INBOUND_PORT;
 /// The proxy's outbound port.
 pub const OUTBOUND_PORT: u16 = 4140;
 
@@ -93,7 +93,7 @@ impl Default for InjectConfig {
             control_plane: "https://wary-control-plane.wary-system.svc:8086".into(),
             trust_domain: "cluster.local".into(),
             trust_anchors_pem: String::new(),
-            proxy_uid: i64::from(crate::inject::DEFAULT_PROXY_UID),
+            proxy_uid: i64::from(DEFAULT_PROXY_UID),
             native_sidecar: true,
             cpu_request: "100m".into(),
             memory_request: "32Mi".into(),
@@ -356,14 +356,14 @@ fn rewrite_probes(containers: &[Container]) -> (Vec<MovedProbe>, BTreeMap<String
                     warnings.push(unmoved("HTTPS"));
                     continue;
                 }
-                match (plain, port_of(&get.port)) {
-                    (true, Some(port)) => serde_json::json!({"http": {
+                match port_of(&get.port) {
+                    Some(port) => serde_json::json!({"http": {
                         "port": port,
                         "path": get.path.clone().unwrap_or_else(|| "/".into()),
                         "headers": get.http_headers.iter().flatten()
                             .map(|h| (h.name.clone(), h.value.clone())).collect::<Vec<_>>(),
                     }}),
-                    _ => {
+                    None => {
                         warnings.push(unmoved("a port the container does not declare"));
                         continue;
                     }

@@ -38,7 +38,7 @@ use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Api, Client, Resource, ResourceExt};
 use tokio::sync::{Notify, watch};
 
-use crate::config_watch::{ConfigStatus, publish};
+use crate::config_watch::{ConfigStatus, OnConflict, publish};
 use crate::local::{AppProtocol, ServicePort, ServiceSpec, TargetPort, WorkloadPort, WorkloadSpec};
 use crate::policy::{AuthorizationPolicy, MeshConfig, TrafficPolicy};
 use crate::snapshot::Snapshot;
@@ -174,6 +174,14 @@ pub fn documents(
         .iter()
         .filter_map(|s| Some((s.as_ref(), service_spec(s)?)))
         .collect();
+    // By namespace, so each pod looks only at its own namespace's Services.
+    let mut services_in: HashMap<String, Vec<&ServiceSpec>> = HashMap::new();
+    for (svc, spec) in &meshed_services {
+        services_in
+            .entry(svc.namespace().unwrap_or_default())
+            .or_default()
+            .push(spec);
+    }
     for (s, spec) in &meshed_services {
         let (ns, name) = (s.namespace().unwrap_or_default(), s.name_any());
         docs.push(Document {
@@ -225,10 +233,8 @@ pub fn documents(
         let Some(mut spec) = workload_spec(pod) else { continue };
         let labels = pod.labels().clone();
         // The ports its Services send to, which a container need not declare.
-        for (s, sspec) in &meshed_services {
-            if s.namespace().as_deref() != Some(ns.as_str())
-                || !sspec.selector.iter().all(|(k, v)| labels.get(k) == Some(v))
-            {
+        for sspec in services_in.get(&ns).into_iter().flatten() {
+            if !sspec.selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
                 continue;
             }
             for p in &sspec.ports {
@@ -331,21 +337,6 @@ pub fn documents(
     }
     // Documents in a stable order, so the same cluster always computes the same thing.
     docs.sort_by(|a, b| (a.body.kind(), &a.namespace, &a.name).cmp(&(b.body.kind(), &b.namespace, &b.name)));
-    (docs, errors)
-}
-
-/// In a cluster, objects that conflict with others (two TrafficPolicies for one
-/// Service, two pods on one address, a second MeshConfig) are left out and reported,
-/// and the rest is served: one team's object must not freeze every other team's mesh,
-/// as it would if the whole snapshot were refused. Each conflict is reported at the
-/// object that came second (documents are sorted by kind, namespace and name), which
-/// is the one left out.
-pub fn serveable((mut docs, mut errors): (Vec<Document>, Vec<String>)) -> (Vec<Document>, Vec<String>) {
-    if let Err(conflicts) = crate::resources::compute(&docs) {
-        let out: std::collections::HashSet<PathBuf> = conflicts.iter().map(|e| e.file.clone()).collect();
-        errors.extend(conflicts.iter().map(|e| format!("{e} (left out; the rest is served)")));
-        docs.retain(|d| !out.contains(&d.origin.file));
-    }
     (docs, errors)
 }
 
@@ -482,8 +473,8 @@ pub async fn run(
 ) {
     let mut last_good = LastGood::default();
     loop {
-        let (docs, errors) = serveable(stores.documents(&mut last_good));
-        publish(&docs, errors, "kubernetes", &snapshots, &status);
+        let (docs, errors) = stores.documents(&mut last_good);
+        publish(&docs, errors, OnConflict::LeaveOut, "kubernetes", &snapshots, &status);
         changed.notified().await;
         let started = tokio::time::Instant::now();
         while started.elapsed() < crate::config_watch::MAX_DEBOUNCE

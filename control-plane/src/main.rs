@@ -270,8 +270,9 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!(%cluster, "listing Services, EndpointSlices, Pods, Namespaces and the policy CRDs (discovery starts once all are listed; a failing list is retried and logged)");
         stores.ready().await?;
         let mut last_good = kubernetes::LastGood::default();
-        let (docs, errors) = kubernetes::serveable(stores.documents(&mut last_good));
-        config_watch::publish(&docs, errors, "kubernetes", &snapshots, &status);
+        let (docs, errors) = stores.documents(&mut last_good);
+        let on_conflict = config_watch::OnConflict::LeaveOut;
+        config_watch::publish(&docs, errors, on_conflict, "kubernetes", &snapshots, &status);
         Source::Kubernetes {
             client,
             stores,

@@ -497,13 +497,7 @@ async fn the_watchers_compute_what_the_directory_does_through_changes_deletes_an
         web("web-2", "10.244.2.12", "zone-b", true),
         web("web-3", "10.244.2.13", "zone-b", true),
     ];
-    let before = dir.config_status().await["versions"].clone();
-    write(&after_events, true, 3, true);
-    // Compare once the directory's control plane has read the new file, not before.
-    wary_tests::wait_until("the directory is re-read", || async {
-        (dir.config_status().await["versions"] != before).then_some(())
-    })
-    .await;
+    reread(&dir, || write(&after_events, true, 3, true)).await;
     same_resources(&cp, &dir, "after watch events").await;
 
     // A second TrafficPolicy for the same Service conflicts: it is left out and
@@ -512,18 +506,7 @@ async fn the_watchers_compute_what_the_directory_does_through_changes_deletes_an
     dup["metadata"]["name"] = "web-dup".into();
     dup["metadata"]["uid"] = "tp-web-dup".into();
     api.apply(dup.clone());
-    wary_tests::wait_until("the conflicting TrafficPolicy is reported", || async {
-        let status = cp.config_status().await;
-        status["errors"]
-            .as_array()?
-            .iter()
-            .any(|e| {
-                e.as_str()
-                    .is_some_and(|e| e.starts_with("kubernetes:TrafficPolicy/shop/web-dup") && e.contains("left out"))
-            })
-            .then_some(())
-    })
-    .await;
+    reported(&cp, "kubernetes:TrafficPolicy/shop/web-dup", "left out").await;
     same_resources(&cp, &dir, "with a conflicting TrafficPolicy").await;
     api.delete(&dup);
 
@@ -531,18 +514,7 @@ async fn the_watchers_compute_what_the_directory_does_through_changes_deletes_an
     let mut bad = tp.clone();
     bad["spec"]["retries"]["attempts"] = 0.into();
     api.apply(bad);
-    wary_tests::wait_until("the invalid TrafficPolicy is reported", || async {
-        let status = cp.config_status().await;
-        status["errors"]
-            .as_array()?
-            .iter()
-            .any(|e| {
-                e.as_str()
-                    .is_some_and(|e| e.starts_with("kubernetes:TrafficPolicy/shop/web: spec.retries.attempts"))
-            })
-            .then_some(())
-    })
-    .await;
+    reported(&cp, "kubernetes:TrafficPolicy/shop/web: spec.retries.attempts", "").await;
     same_resources(&cp, &dir, "with an invalid TrafficPolicy").await;
     api.apply(tp);
 
@@ -550,15 +522,38 @@ async fn the_watchers_compute_what_the_directory_does_through_changes_deletes_an
     api.delete_quietly(object(&recorded, "AuthorizationPolicy", "web-from-client"));
     api.delete_quietly(object(&recorded, "Pod", "client-1"));
     api.expire_watches();
+    reread(&dir, || write(&after_events, false, 3, false)).await;
+    same_resources(&cp, &dir, "after a relist").await;
+    let status = cp.config_status().await;
+    assert!(status["errors"].as_array().is_some_and(Vec::is_empty), "{status}");
+}
+
+/// Runs `write` (a change to the directory) and waits until the directory's control
+/// plane has read it, so a comparison that follows is not made against the old state.
+async fn reread(dir: &ControlPlane, write: impl FnOnce()) {
     let before = dir.config_status().await["versions"].clone();
-    write(&after_events, false, 3, false);
+    write();
     wary_tests::wait_until("the directory is re-read", || async {
         (dir.config_status().await["versions"] != before).then_some(())
     })
     .await;
-    same_resources(&cp, &dir, "after a relist").await;
-    let status = cp.config_status().await;
-    assert!(status["errors"].as_array().is_some_and(Vec::is_empty), "{status}");
+}
+
+/// Waits until `/config` reports an error that starts with `starts` and contains
+/// `contains`.
+async fn reported(cp: &ControlPlane, starts: &str, contains: &str) {
+    wary_tests::wait_until(&format!("{starts} is reported"), || async {
+        let status = cp.config_status().await;
+        status["errors"]
+            .as_array()?
+            .iter()
+            .any(|e| {
+                e.as_str()
+                    .is_some_and(|e| e.starts_with(starts) && e.contains(contains))
+            })
+            .then_some(())
+    })
+    .await;
 }
 
 fn requests_contain(api: &FakeApi, what: &str) -> bool {
