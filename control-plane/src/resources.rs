@@ -12,7 +12,7 @@ use std::collections::{BTreeMap, HashMap};
 use wary_certs::{SpiffeId, TrustDomain};
 use wary_proto::discovery as pb;
 
-use crate::local::{AppProtocol, ServiceSpec, TargetPort, WorkloadSpec};
+use crate::local::{AppProtocol, ServicePort, ServiceSpec, TargetPort, WorkloadSpec};
 use crate::policy::{self, AuthorizationPolicy, MeshConfigSpec, TrafficPolicy};
 use crate::snapshot::{Snapshot, SnapshotBuilder};
 use crate::source::{Body, ConfigError, Document, Origin};
@@ -141,6 +141,9 @@ pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<Co
     }
     // For each workload, the names of the services that select it.
     let mut services_of: Vec<Vec<&str>> = vec![Vec::new(); workloads.len()];
+    // For each workload, the ports a selecting Service declares `appProtocol: tcp`: the
+    // workload's inbound carries opaque streams there unless it declares otherwise.
+    let mut opaque_of: Vec<Vec<u16>> = vec![Vec::new(); workloads.len()];
     for (d, spec) in &services {
         let name = format!("{}.{}", d.name, d.namespace);
         let policy = traffic.get(&(d.namespace.as_str(), d.name.as_str())).map(|(tp, _)| *tp);
@@ -158,6 +161,12 @@ pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<Co
             .collect();
         for &i in &selected {
             services_of[i].push(d.name.as_str());
+            let opaque = spec
+                .ports
+                .iter()
+                .filter(|sp| sp.app_protocol == AppProtocol::Tcp)
+                .filter_map(|sp| target_port(sp, workloads[i].1));
+            opaque_of[i].extend(opaque);
         }
         let endpoints = selected
             .iter()
@@ -174,7 +183,7 @@ pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<Co
             },
         );
     }
-    for ((w, spec), in_services) in workloads.iter().zip(&services_of) {
+    for (((w, spec), in_services), opaque) in workloads.iter().zip(&services_of).zip(&opaque_of) {
         let authorizations = authz
             .iter()
             .filter(|(a, ap)| a.namespace == w.namespace && applies(ap, &w.labels, in_services))
@@ -200,7 +209,10 @@ pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<Co
                     .iter()
                     .map(|p| pb::InboundPort {
                         port: u32::from(p.port),
-                        protocol: protocol(p.app_protocol) as i32,
+                        protocol: match p.app_protocol {
+                            AppProtocol::Detect if opaque.contains(&p.port) => pb::Protocol::Opaque,
+                            declared => protocol(declared),
+                        } as i32,
                         mtls_mode: p.mtls.as_ref().map(|m| mtls_mode(m.mode) as i32),
                     })
                     .collect(),
@@ -323,6 +335,17 @@ fn service(d: &Document, spec: &ServiceSpec, policy: Option<&TrafficPolicy>, clu
     }
 }
 
+/// The workload port a Service port leads to: its `targetPort` by number or by the
+/// workload port's name, else its own number. `None`: the workload has no port of that
+/// name, so it does not serve this Service port.
+fn target_port(sp: &ServicePort, spec: &WorkloadSpec) -> Option<u16> {
+    match &sp.target_port {
+        None => Some(sp.port),
+        Some(TargetPort::Number(n)) => Some(*n),
+        Some(TargetPort::Name(n)) => spec.ports.iter().find(|p| &p.name == n).map(|p| p.port),
+    }
+}
+
 fn endpoints_of(svc: &ServiceSpec, w: &Document, spec: &WorkloadSpec, td: &TrustDomain) -> Vec<pb::Endpoint> {
     let identity = if spec.inbound_port == 0 {
         String::new()
@@ -334,12 +357,7 @@ fn endpoints_of(svc: &ServiceSpec, w: &Document, spec: &WorkloadSpec, td: &Trust
     svc.ports
         .iter()
         .filter_map(|sp| {
-            let port = match &sp.target_port {
-                None => sp.port,
-                Some(TargetPort::Number(n)) => *n,
-                // A workload without a port of that name does not serve this port.
-                Some(TargetPort::Name(n)) => spec.ports.iter().find(|p| &p.name == n)?.port,
-            };
+            let port = target_port(sp, spec)?;
             Some(pb::Endpoint {
                 address: spec.address.to_string(),
                 service_port: u32::from(sp.port),

@@ -8,8 +8,12 @@ use http::{Response, StatusCode};
 use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Full};
 
+/// Why a body the proxy carries failed: hyper's error, or one the proxy raised (a
+/// trailer block over [`MAX_TRAILER_LIST_SIZE`]).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
 /// Every body the proxy sends: a peer's streamed body, or a small one it made.
-pub type Body = BoxBody<Bytes, hyper::Error>;
+pub type Body = BoxBody<Bytes, BoxError>;
 
 /// Set by the inbound proxy for the app: the client's verified SPIFFE ID. Removed from
 /// anything else that sets it (an app, a peer), so the app can trust it.
@@ -104,12 +108,17 @@ pub fn strip_mesh_headers(headers: &mut HeaderMap) {
 const MESH_HEADERS: [HeaderName; 6] = [CLIENT_ID, DST_PORT, ORIG_PROTO, UPGRADE, METHOD, PATH];
 
 /// A request body whose trailers lose any mesh header, so a client cannot forge one
-/// there either.
+/// there either, and fail it when they are over [`MAX_TRAILER_LIST_SIZE`].
 pub fn strip_mesh_trailers<B>(body: B) -> Body
 where
-    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Send + Sync + 'static,
+    B: hyper::body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
+    B::Error: Into<BoxError>,
 {
-    body.map_frame(|frame| match frame.into_trailers() {
+    TrailerGuard {
+        inner: body,
+        grpc: false,
+    }
+    .map_frame(|frame| match frame.into_trailers() {
         Ok(mut trailers) => {
             strip_mesh_headers(&mut trailers);
             hyper::body::Frame::trailers(trailers)
@@ -117,6 +126,95 @@ where
         Err(frame) => frame,
     })
     .boxed()
+}
+
+/// The largest trailer block the mesh carries, as HTTP/2 counts it (names, values and
+/// 32 bytes a field, RFC 9113 §6.5.2): 128 KiB, room for a gRPC status with 64 KiB of
+/// rich details (`grpc-status-details-bin`) and any other `-bin` metadata. A larger
+/// block fails the message loudly (a gRPC call gets `grpc-status` 13 naming the size
+/// and this limit; anything else a reset stream), never arrives cut short.
+pub const MAX_TRAILER_LIST_SIZE: usize = 128 * 1024;
+
+/// What the proxy's HTTP/2 clients (to peer proxies, to the app) decode in one
+/// response header block: 1 MiB, eight times [`MAX_TRAILER_LIST_SIZE`].
+///
+/// Why larger than what the mesh carries: the h2 crate (0.4.20) delivers a *trailer*
+/// block over its limit silently cut short (the fields past the limit are dropped and
+/// nothing says so), where a header block over it fails the stream; and it closes the
+/// whole connection when a block takes more CONTINUATION frames than a quarter over the
+/// limit needs. Decoding well past the limit lets the proxy see an oversized block at
+/// its size, or at least the 1 MiB h2 kept of it, and fail that one message with a
+/// reason instead of letting it arrive altered or taking other streams down. What is
+/// left: a single field over about 1 MiB is dropped by h2 before the proxy sees it.
+/// The cost is memory: an answer may hold up to 1 MiB of decoded headers while the
+/// proxy relays it; only streams the proxy opened can carry one.
+pub const H2_MAX_RESPONSE_HEADER_LIST_SIZE: u32 = 8 * MAX_TRAILER_LIST_SIZE as u32;
+
+/// What the proxy's HTTP/2 servers (for peers, for the app) decode in one request
+/// header block: 256 KiB, twice [`MAX_TRAILER_LIST_SIZE`], so a request's trailers over
+/// the limit are seen and fail the request, for the reason given at
+/// [`H2_MAX_RESPONSE_HEADER_LIST_SIZE`]; smaller, since a client opens as many streams
+/// as the server allows (200), each holding its block. Request headers are still
+/// refused over [`MAX_HEADER_LIST_SIZE`] by the proxy itself (431).
+pub const H2_MAX_REQUEST_HEADER_LIST_SIZE: u32 = 2 * MAX_TRAILER_LIST_SIZE as u32;
+
+/// A body whose trailer block is held to [`MAX_TRAILER_LIST_SIZE`]: over it, a gRPC
+/// response's trailers become `grpc-status: 13` saying so, and any other body fails.
+pub struct TrailerGuard<B> {
+    inner: B,
+    grpc: bool,
+}
+
+/// A trailer block over [`MAX_TRAILER_LIST_SIZE`].
+#[derive(Debug, thiserror::Error)]
+#[error("the trailers take at least {size} bytes; the mesh carries at most {MAX_TRAILER_LIST_SIZE}")]
+pub struct TrailersTooLarge {
+    /// Their size as HTTP/2 counts it, or as much of it as was decoded.
+    pub size: usize,
+}
+
+impl<B> hyper::body::Body for TrailerGuard<B>
+where
+    B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let frame = match std::task::ready!(std::pin::Pin::new(&mut self.inner).poll_frame(cx)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(e)) => return std::task::Poll::Ready(Some(Err(e.into()))),
+            None => return std::task::Poll::Ready(None),
+        };
+        let size = frame.trailers_ref().map_or(0, header_list_size);
+        if size <= MAX_TRAILER_LIST_SIZE {
+            return std::task::Poll::Ready(Some(Ok(frame)));
+        }
+        let too_large = TrailersTooLarge { size };
+        tracing::info!(error = %too_large, "failed a message whose trailers are too large");
+        if self.grpc {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from(13));
+            if let Ok(message) = HeaderValue::from_str(&grpc_message(&too_large.to_string())) {
+                trailers.insert("grpc-message", message);
+            }
+            trailers.insert(ERROR, HeaderValue::from_static("trailers-too-large"));
+            return std::task::Poll::Ready(Some(Ok(hyper::body::Frame::trailers(trailers))));
+        }
+        std::task::Poll::Ready(Some(Err(too_large.into())))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.inner.size_hint()
+    }
 }
 
 /// The size of a header block as HTTP/2 counts it against SETTINGS_MAX_HEADER_LIST_SIZE:
@@ -190,7 +288,8 @@ pub fn relay(response: Response<hyper::body::Incoming>) -> Response<Body> {
     let (mut parts, body) = response.into_parts();
     strip_hop_by_hop(&mut parts.headers);
     strip_mesh_headers(&mut parts.headers);
-    Response::from_parts(parts, body.boxed())
+    let grpc = is_grpc(&parts.headers);
+    Response::from_parts(parts, TrailerGuard { inner: body, grpc }.boxed())
 }
 
 /// An empty body.
@@ -270,11 +369,12 @@ pub fn expects_continue<B: hyper::body::Body>(req: &http::Request<B>) -> bool {
 /// to wait for the server (`Some`).
 pub fn gate_body<B>(wait: Option<std::time::Duration>, body: B) -> Body
 where
-    B: hyper::body::Body<Data = Bytes, Error = hyper::Error> + Unpin + Send + Sync + 'static,
+    B: hyper::body::Body<Data = Bytes> + Unpin + Send + Sync + 'static,
+    B::Error: Into<BoxError>,
 {
     match wait {
-        Some(wait) => ExpectContinue::new(body, wait).boxed(),
-        None => body.boxed(),
+        Some(wait) => ExpectContinue::new(body, wait).map_err(Into::into).boxed(),
+        None => body.map_err(Into::into).boxed(),
     }
 }
 
@@ -351,17 +451,21 @@ pub fn grpc_error(code: u32, cause: &'static str, message: String) -> Response<B
     let headers = response.headers_mut();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/grpc"));
     headers.insert("grpc-status", HeaderValue::from(code));
-    // grpc-message is percent-encoded (gRPC over HTTP/2 spec); keep it to safe bytes.
-    let safe: String = message
-        .chars()
-        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
-        .collect::<String>()
-        .replace('%', "%25");
-    if let Ok(v) = HeaderValue::from_str(&safe) {
+    if let Ok(v) = HeaderValue::from_str(&grpc_message(&message)) {
         headers.insert("grpc-message", v);
     }
     headers.insert(ERROR, HeaderValue::from_static(cause));
     response
+}
+
+/// `message` as a `grpc-message` value: percent-encoded as the gRPC over HTTP/2 spec
+/// asks, kept to safe bytes.
+fn grpc_message(message: &str) -> String {
+    message
+        .chars()
+        .map(|c| if c.is_ascii_graphic() || c == ' ' { c } else { '?' })
+        .collect::<String>()
+        .replace('%', "%25")
 }
 
 #[cfg(test)]

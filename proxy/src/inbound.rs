@@ -17,7 +17,6 @@
 //! `wary-client-id` and are authorized as an unauthenticated client; it is counted in
 //! `wary_proxy_inbound_plaintext_connections_total`.
 
-use std::convert::Infallible;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -111,6 +110,9 @@ pub struct Inbound {
     cache: Arc<Cache>,
     policy: String,
     reserved: Vec<u16>,
+    /// Ports opaque unless the workload declares their protocol (the proxy's
+    /// `--opaque-ports`).
+    opaque_ports: Vec<u16>,
     http1: Client<HttpConnector, Body>,
     http2: AppH2,
     drain: Arc<Drain>,
@@ -123,14 +125,24 @@ impl Inbound {
     /// Forwards to the app at `app_ip` (the workload's address), only on the ports the
     /// workload's inbound policy `policy` (`<workload>.<namespace>`) declares, and never
     /// on the proxy's own `reserved` ports (its outbound and admin listeners: a peer
-    /// reaching those would act with this workload's identity). Each request and
-    /// tunnel counts as open work for `drain` until it ends.
-    pub fn new(app_ip: IpAddr, cache: Arc<Cache>, policy: String, reserved: Vec<u16>, drain: Arc<Drain>) -> Self {
+    /// reaching those would act with this workload's identity). A port in
+    /// `opaque_ports` whose protocol the workload leaves to detection carries opaque
+    /// streams, as one declared `appProtocol: tcp` does. Each request and tunnel counts
+    /// as open work for `drain` until it ends.
+    pub fn new(
+        app_ip: IpAddr,
+        cache: Arc<Cache>,
+        policy: String,
+        reserved: Vec<u16>,
+        opaque_ports: Vec<u16>,
+        drain: Arc<Drain>,
+    ) -> Self {
         Self {
             app_ip,
             cache,
             policy,
             reserved,
+            opaque_ports,
             // Idle connections to the app close after 90 s (hyper's default, which needs
             // the timer to run).
             http1: Client::builder(TokioExecutor::new())
@@ -246,9 +258,9 @@ impl Inbound {
                     return;
                 };
                 let client = Arc::new(client);
-                let service = service_fn(move |req| inbound.clone().serve_request(req, client.clone(), None));
+                let service = service_fn(move |req| inbound.clone().serve_request(req, client.clone(), Origin::Mesh));
                 let _ = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
-                    .max_header_list_size(h::MAX_HEADER_LIST_SIZE)
+                    .max_header_list_size(h::H2_MAX_REQUEST_HEADER_LIST_SIZE)
                     // A peer whose machine vanished (no FIN) is noticed in 15 s, and its
                     // tunnels and their app connections closed.
                     .keep_alive_interval(Duration::from_secs(10))
@@ -261,29 +273,36 @@ impl Inbound {
     }
 
     /// One request, counted in the caller's metrics and as open work for the drain.
-    /// `plaintext`: the app port of a plaintext connection, whose requests carry no
-    /// mesh headers of their own.
+    ///
+    /// A request the app never processed (its HTTP/2 server refused the stream, or
+    /// it arrived above the last stream id of the app's GOAWAY) is answered to a peer
+    /// proxy with RST_STREAM(REFUSED_STREAM), so the peer may retry it whatever its
+    /// method (RFC 9113 §8.7); no answer the app writes can say this.
     async fn serve_request(
         self: Arc<Self>,
         mut req: Request<Incoming>,
         client: Arc<Peer>,
-        plaintext: Option<u16>,
-    ) -> Result<Response<Body>, Infallible> {
+        origin: Origin,
+    ) -> Result<Response<Body>, h2::Error> {
         let active = self.drain.track();
         let started = tokio::time::Instant::now();
-        let response = match plaintext {
+        let response = match origin {
             // The port may have turned strict since the connection was accepted.
-            Some(port) if !self.port_permissive(port) => error_response(
+            Origin::Plaintext(port) if !self.port_permissive(port) => error_response(
                 StatusCode::FORBIDDEN,
                 "plaintext-refused",
                 format!("port {port} now requires mesh mTLS; plaintext is no longer served"),
             ),
-            Some(port) => match as_mesh_request(&mut req, port) {
+            Origin::Plaintext(port) | Origin::Tunnel(port) => match as_mesh_request(&mut req, port) {
                 None => self.handle(req, &client).await,
                 Some(refused) => refused,
             },
-            None => self.handle(req, &client).await,
+            Origin::Mesh => self.handle(req, &client).await,
         };
+        if origin == Origin::Mesh && response.extensions().get::<NotProcessed>().is_some() {
+            metrics::counter!(m::INBOUND_REFUSED_STREAMS).increment(1);
+            return Err(h2::Error::from(h2::Reason::REFUSED_STREAM));
+        }
         let class = usize::from(response.status().as_u16() / 100).clamp(1, 5) - 1;
         client.responses[class].increment(1);
         client.latency.record(started.elapsed().as_secs_f64());
@@ -296,13 +315,17 @@ impl Inbound {
         }))
     }
 
-    /// Whether the workload declares `port` opaque (`appProtocol: tcp`).
+    /// Whether `port` carries opaque streams: the workload declares it `appProtocol:
+    /// tcp`, or leaves it to detection and it is in the proxy's opaque ports (MySQL's
+    /// 3306 and the other servers that speak first).
     fn declared_opaque(&self, port: u16) -> bool {
         let state = self.cache.load();
         state.inbound.items.get(&self.policy).is_some_and(|p| {
-            p.ports
-                .iter()
-                .any(|d| d.port == u32::from(port) && d.protocol == Protocol::Opaque as i32)
+            p.ports.iter().any(|d| {
+                d.port == u32::from(port)
+                    && (d.protocol == Protocol::Opaque as i32
+                        || (d.protocol == Protocol::Detect as i32 && self.opaque_ports.contains(&port)))
+            })
         })
     }
 
@@ -379,12 +402,16 @@ impl Inbound {
         let io = detect::Prefixed::new(prefix.freeze(), tcp);
         let client = Arc::new(client);
         let inbound = self.clone();
-        let service = service_fn(move |req| inbound.clone().serve_request(req, client.clone(), Some(port)));
+        let service = service_fn(move |req| {
+            inbound
+                .clone()
+                .serve_request(req, client.clone(), Origin::Plaintext(port))
+        });
         let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
         // As the outbound listener: half-close is not cancellation, and a client gets
         // 30 s to send its request head.
         builder.http1().half_close(true).timer(TokioTimer::new());
-        builder.http2().max_header_list_size(h::MAX_HEADER_LIST_SIZE);
+        builder.http2().max_header_list_size(h::H2_MAX_REQUEST_HEADER_LIST_SIZE);
         let _ = builder.serve_connection(TokioIo::new(io), service).await;
     }
 
@@ -411,7 +438,7 @@ impl Inbound {
         let _ = tokio::io::copy_bidirectional(&mut io, &mut upstream).await;
     }
 
-    async fn handle(&self, mut req: Request<Incoming>, peer: &Peer) -> Response<Body> {
+    async fn handle(self: &Arc<Self>, mut req: Request<Incoming>, peer: &Arc<Peer>) -> Response<Body> {
         let client = peer.id.as_ref();
         let port = req
             .headers()
@@ -450,6 +477,20 @@ impl Inbound {
         let (method, path) = match kind {
             Kind::Http1 | Kind::Http2 => (Some(req.method().as_str()), Some(req.uri().path())),
             Kind::Upgrade => match (header(h::METHOD), header(h::PATH), req.headers().get(h::UPGRADE)) {
+                // Only WebSocket: after any other switch (h2c above all) the app would
+                // take later requests on this connection past authorization and with
+                // whatever identity header the peer wrote. The peer proxy refuses
+                // others from its app; this one does not rely on it.
+                (_, _, Some(protocol)) if !tunnel::is_websocket(protocol) => {
+                    return error_response(
+                        StatusCode::NOT_IMPLEMENTED,
+                        "upgrade-refused",
+                        format!(
+                            "the mesh carries WebSocket upgrades only, not {:?}",
+                            String::from_utf8_lossy(protocol.as_bytes())
+                        ),
+                    );
+                }
                 (Some(method), Some(path), Some(_)) => (Some(method), Some(path.split('?').next().unwrap_or(path))),
                 _ => {
                     return error_response(
@@ -490,7 +531,10 @@ impl Inbound {
             _ => None,
         };
         let path = normalized.as_deref().or(path);
-        if let Some(denied) = self.authorize(client, method, path, port, req.headers()) {
+        // A tunnel to a port not declared opaque is judged by what it carries: each
+        // HTTP request on its own, or TLS as an opaque stream (see `carry_tunnel`).
+        let judged_later = kind == Kind::Tcp && !self.declared_opaque(port);
+        if !judged_later && let Some(denied) = self.authorize(client, method, path, port, req.headers()) {
             return denied;
         }
         if let Some(normalized) = normalized
@@ -501,7 +545,7 @@ impl Inbound {
         metrics::counter!(m::REQUESTS, "direction" => "inbound", "service" => "local").increment(1);
         let app = std::net::SocketAddr::new(self.app_ip, port);
         match kind {
-            Kind::Tcp => self.tunnel_tcp(req, app).await,
+            Kind::Tcp => self.tunnel_tcp(req, app, peer).await,
             Kind::Upgrade => self.tunnel_upgrade(req, app, peer).await,
             Kind::Http1 | Kind::Http2 => self.forward(req, app, peer, kind == Kind::Http2).await,
         }
@@ -559,6 +603,8 @@ impl Inbound {
     /// A request and its response, in the client's protocol.
     async fn forward(&self, req: Request<Incoming>, app: SocketAddr, peer: &Peer, http2: bool) -> Response<Body> {
         let (mut parts, body) = req.into_parts();
+        let tunnel_conn = parts.extensions.remove::<TunnelConn>();
+        let grpc = h::is_grpc(&parts.headers);
         h::strip_hop_by_hop(&mut parts.headers);
         h::strip_mesh_headers(&mut parts.headers);
         if let Some(id) = &peer.header {
@@ -571,7 +617,29 @@ impl Inbound {
             let body = h::strip_mesh_trailers(body);
             return match self.http2.send(app, Request::from_parts(parts, body)).await {
                 Ok(response) => h::relay(response),
-                Err(e) => error_response(
+                Err(AppH2Error::NotProcessed(e)) => {
+                    let mut refused = error_response(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "app-refused-stream",
+                        format!("the app at {app} refused the request unprocessed: {e}"),
+                    );
+                    refused.extensions_mut().insert(NotProcessed);
+                    refused
+                }
+                Err(AppH2Error::BadAnswer(e)) => {
+                    let message = format!(
+                        "the app at {app} answered with a malformed response or headers over the {} bytes the mesh \
+                         reads: {e}",
+                        h::H2_MAX_RESPONSE_HEADER_LIST_SIZE
+                    );
+                    if grpc {
+                        h::grpc_error(13, "app-answer-unreadable", message)
+                    } else {
+                        error_response(StatusCode::BAD_GATEWAY, "app-answer-unreadable", message)
+                    }
+                }
+                Err(AppH2Error::Failed(e)) => h::proxy_error(
+                    grpc,
                     StatusCode::BAD_GATEWAY,
                     "app-unavailable",
                     format!("the app at {app} did not answer: {e}"),
@@ -586,22 +654,54 @@ impl Inbound {
         }
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         parts.uri = match app_uri(app, path) {
+            // A tunnel's own connection takes the origin form, as the client sent it.
+            Some(uri) if tunnel_conn.is_some() => match uri.path_and_query() {
+                Some(p) => Uri::from(p.clone()),
+                None => uri,
+            },
             Some(uri) => uri,
             None => return error_response(StatusCode::BAD_REQUEST, "bad-path", "request path is invalid".into()),
         };
         parts.version = Version::HTTP_11;
-        match self
-            .http1
-            .request(Request::from_parts(parts, h::strip_mesh_trailers(body)))
-            .await
-        {
+        // hyper's HTTP/1 client sends a GET, HEAD or CONNECT body of unknown length as
+        // no body at all unless the framing is explicit (linkerd2#3310): a body that came
+        // without a length (chunked, or HTTP/2 with no content-length) is sent chunked.
+        if !hyper::body::Body::is_end_stream(&body) && !parts.headers.contains_key(http::header::CONTENT_LENGTH) {
+            parts
+                .headers
+                .insert(http::header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        }
+        let req = Request::from_parts(parts, h::strip_mesh_trailers(body));
+        let answer = match tunnel_conn {
+            Some(TunnelConn(conn)) => {
+                let mut conn = conn.lock().await;
+                match conn.ready().await {
+                    Ok(()) => conn.send_request(req).await,
+                    Err(e) => Err(e),
+                }
+                .map_err(|e| crate::control::causes(&e))
+            }
+            None => self.http1.request(req).await.map_err(|e| crate::control::causes(&e)),
+        };
+        match answer {
             Ok(response) => h::relay(response),
-            Err(e) => app_unavailable(app, &e),
+            Err(e) => error_response(
+                StatusCode::BAD_GATEWAY,
+                "app-unavailable",
+                format!("the app at {app} did not answer: {e}"),
+            ),
         }
     }
 
-    /// An opaque stream: a TCP connection to the app, joined to the peer's `CONNECT`.
-    async fn tunnel_tcp(&self, mut req: Request<Incoming>, app: SocketAddr) -> Response<Body> {
+    /// An opaque stream: a TCP connection to the app, joined to the peer's `CONNECT`
+    /// as bytes when the port is declared opaque, else carried as
+    /// [`carry_tunnel`](Self::carry_tunnel) says.
+    async fn tunnel_tcp(
+        self: &Arc<Self>,
+        mut req: Request<Incoming>,
+        app: SocketAddr,
+        peer: &Arc<Peer>,
+    ) -> Response<Body> {
         let Some(downstream) = req.extensions_mut().remove::<OnUpgrade>() else {
             return error_response(
                 StatusCode::BAD_REQUEST,
@@ -616,12 +716,7 @@ impl Inbound {
                 if self.declared_opaque(app.port()) {
                     tunnel::spawn_bridge(downstream, tcp, what, held);
                 } else {
-                    tokio::spawn(async move {
-                        let _held = held;
-                        if let Ok(io) = downstream.await {
-                            bridge_refusing_http(TokioIo::new(io), tcp, &what).await;
-                        }
-                    });
+                    spawn_carry_tunnel(self.clone(), downstream, app, tcp, peer.clone(), held);
                 }
                 Response::new(h::empty())
             }
@@ -636,6 +731,102 @@ impl Inbound {
                 format!("the app at {app} did not accept within {APP_CONNECT_TIMEOUT:?}"),
             ),
         }
+    }
+
+    /// A peer's opaque stream to an app port not declared opaque. The port's declared
+    /// protocol decides, not a guess from the first bytes:
+    ///
+    /// ```text
+    /// first byte 0x16 (a TLS ClientHello: the app's own TLS, e.g. through HTTPS_PROXY)
+    ///                         ─▶ carried as bytes (no header can be injected into TLS)
+    /// an HTTP/1 request head  ─▶ served request by request on this tunnel's own app
+    ///                            connection, each authorized and sanitized as a peer's
+    ///                            request is, `wary-client-id` set by this proxy
+    /// anything else           ─▶ 400 with `wary-error: not-http`, closed
+    /// ```
+    ///
+    /// Any token is a method (RFC 9110 §9.1: `PROPFIND`, `PURGE`, `QUERY`, lower case),
+    /// since hyper parses the requests; upgrades and `CONNECT` inside a tunnel are refused.
+    async fn carry_tunnel<D>(self: Arc<Self>, mut io: D, app: SocketAddr, tcp: TcpStream, peer: Arc<Peer>)
+    where
+        D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        use tokio::io::AsyncReadExt;
+        let what = app.to_string();
+        let mut head = bytes::BytesMut::with_capacity(1024);
+        let read_head = async {
+            loop {
+                if head.first() == Some(&TLS_HANDSHAKE_RECORD) {
+                    return Ok(true);
+                }
+                match tunnel_head(&head) {
+                    Ok(true) => return Ok(false),
+                    Ok(false) => {}
+                    Err(why) => return Err(why),
+                }
+                match io.read_buf(&mut head).await {
+                    Ok(n) if n > 0 => {}
+                    _ => return Err(String::new()),
+                }
+            }
+        };
+        let verdict = tokio::time::timeout(TUNNEL_HEAD_TIMEOUT, read_head).await;
+        match verdict {
+            Ok(Ok(true)) => {
+                if self
+                    .authorize(peer.id.as_ref(), None, None, app.port(), &http::HeaderMap::new())
+                    .is_some()
+                {
+                    tracing::info!(what, "closed a TLS tunnel: denied");
+                    return;
+                }
+                tunnel::bridge(detect::Prefixed::new(head.freeze(), io), tcp, &what).await;
+                return;
+            }
+            Ok(Ok(false)) => {}
+            // The peer left.
+            Ok(Err(why)) if why.is_empty() => return,
+            Ok(Err(why)) => return refuse_in_tunnel(&mut io, &what, &why).await,
+            Err(_) => {
+                metrics::counter!(m::AUTHORIZATIONS, "decision" => "deny", "policy" => "not-http-in-tunnel")
+                    .increment(1);
+                tracing::info!(
+                    what,
+                    "closed a tunnel that sent no request head within {TUNNEL_HEAD_TIMEOUT:?}: if the app's server \
+                     speaks first, declare its port opaque (appProtocol: tcp)"
+                );
+                return;
+            }
+        }
+        let app_conn = match hyper::client::conn::http1::Builder::new()
+            .handshake::<_, Body>(TokioIo::new(tcp))
+            .await
+        {
+            Ok((sender, conn)) => {
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(error = %e, "a tunnel's app connection ended");
+                    }
+                });
+                TunnelConn(Arc::new(tokio::sync::Mutex::new(sender)))
+            }
+            Err(e) => {
+                tracing::debug!(what, error = %e, "a tunnel's app connection failed");
+                return;
+            }
+        };
+        let port = app.port();
+        let inbound = self.clone();
+        let service = service_fn(move |mut req: Request<Incoming>| {
+            req.extensions_mut().insert(app_conn.clone());
+            inbound.clone().serve_request(req, peer.clone(), Origin::Tunnel(port))
+        });
+        let io = detect::Prefixed::new(head.freeze(), io);
+        let _ = hyper::server::conn::http1::Builder::new()
+            .half_close(true)
+            .timer(TokioTimer::new())
+            .serve_connection(TokioIo::new(io), service)
+            .await;
     }
 
     /// An HTTP/1.1 `Upgrade`: the request rebuilt for the app; if the app switches
@@ -687,7 +878,13 @@ impl Inbound {
         *upgrade.headers_mut() = headers;
         let mut response = match self.http1.request(upgrade).await {
             Ok(response) => response,
-            Err(e) => return app_unavailable(app, &e),
+            Err(e) => {
+                return error_response(
+                    StatusCode::BAD_GATEWAY,
+                    "app-unavailable",
+                    format!("the app at {app} did not answer: {}", crate::control::causes(&e)),
+                );
+            }
         };
         let status = response.status();
         if status == StatusCode::SWITCHING_PROTOCOLS
@@ -741,7 +938,7 @@ type AppSlot = Arc<tokio::sync::Mutex<Option<hyper::client::conn::http2::SendReq
 impl AppH2 {
     /// Sends `req` to the app at `app` over its shared connection, opening one first if
     /// there is none (concurrent callers wait for a single connect).
-    async fn send(&self, app: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, String> {
+    async fn send(&self, app: SocketAddr, req: Request<Body>) -> Result<Response<Incoming>, AppH2Error> {
         let slot = {
             let mut conns = self.conns.lock().unwrap_or_else(|e| e.into_inner());
             conns.entry(app).or_default().clone()
@@ -751,14 +948,39 @@ impl AppH2 {
             match slot.as_ref() {
                 Some(sender) if !sender.is_closed() => sender.clone(),
                 _ => {
-                    let sender = Self::connect(app).await?;
+                    let sender = Self::connect(app).await.map_err(AppH2Error::Failed)?;
                     *slot = Some(sender.clone());
                     sender
                 }
             }
         };
-        sender.ready().await.map_err(|e| e.to_string())?;
-        sender.send_request(req).await.map_err(|e| crate::control::causes(&e))
+        // A connection that closed before the request was sent (the app's GOAWAY
+        // raced it): the app never saw the request.
+        if sender.ready().await.is_err() {
+            return Err(AppH2Error::NotProcessed("its connection closed first".into()));
+        }
+        sender.send_request(req).await.map_err(|e| {
+            let h2 = std::error::Error::source(&e).and_then(|s| s.downcast_ref::<h2::Error>());
+            // RFC 9113 §8.7: REFUSED_STREAM, or a stream above the last stream id of
+            // the server's GOAWAY, was not processed; nor was one hyper never sent
+            // because the connection closed first (canceled).
+            let unprocessed = e.is_canceled()
+                || h2.is_some_and(|h2| {
+                    h2.reason() == Some(h2::Reason::REFUSED_STREAM) || (h2.is_go_away() && h2.is_remote())
+                });
+            // h2 resets a stream itself (PROTOCOL_ERROR) when the answer is malformed
+            // or its header block is over what it decodes.
+            let refused_answer = h2
+                .is_some_and(|h2| h2.is_library() && h2.is_reset() && h2.reason() == Some(h2::Reason::PROTOCOL_ERROR));
+            let why = crate::control::causes(&e);
+            if unprocessed {
+                AppH2Error::NotProcessed(why)
+            } else if refused_answer {
+                AppH2Error::BadAnswer(why)
+            } else {
+                AppH2Error::Failed(why)
+            }
+        })
     }
 
     async fn connect(app: SocketAddr) -> Result<hyper::client::conn::http2::SendRequest<Body>, String> {
@@ -769,7 +991,7 @@ impl AppH2 {
         let _ = tcp.set_nodelay(true);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .max_header_list_size(h::MAX_HEADER_LIST_SIZE)
+            .max_header_list_size(h::H2_MAX_RESPONSE_HEADER_LIST_SIZE)
             .handshake(TokioIo::new(tcp))
             .await
             .map_err(|e| format!("HTTP/2 handshake: {e}"))?;
@@ -780,6 +1002,100 @@ impl AppH2 {
         });
         Ok(sender)
     }
+}
+
+/// Runs [`Inbound::carry_tunnel`] once the peer's side of the tunnel is open. A plain
+/// function, not inside the async request path: the tunnel serves requests that go
+/// through that same path, and the compiler proves the task `Send` only from outside it.
+fn spawn_carry_tunnel(
+    inbound: Arc<Inbound>,
+    downstream: OnUpgrade,
+    app: SocketAddr,
+    tcp: TcpStream,
+    peer: Arc<Peer>,
+    held: crate::drain::Active,
+) {
+    tokio::spawn(async move {
+        let _held = held;
+        match downstream.await {
+            Ok(io) => inbound.carry_tunnel(TokioIo::new(io), app, tcp, peer).await,
+            Err(e) => tracing::debug!(%app, error = %e, "the peer left before its tunnel opened"),
+        }
+    });
+}
+
+/// Why [`AppH2::send`] got no answer.
+enum AppH2Error {
+    /// The app did not process the request (RFC 9113 §8.7): safe to send again.
+    NotProcessed(String),
+    /// No connection, or the stream broke: the app may have seen the request.
+    Failed(String),
+    /// The app's answer could not be read: malformed, or a header block over
+    /// [`h::H2_MAX_RESPONSE_HEADER_LIST_SIZE`].
+    BadAnswer(String),
+}
+
+/// Marks a refusal whose request the app never processed, for [`Inbound::serve_request`].
+#[derive(Clone, Copy)]
+struct NotProcessed;
+
+/// A tunnel's own HTTP/1 connection to the app, on the requests read from the tunnel,
+/// so the app sees one connection per tunnel as the client opened it.
+#[derive(Clone)]
+struct TunnelConn(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Body>>>);
+
+/// Where a request came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A peer proxy's HTTP/2 stream, with its mesh headers.
+    Mesh,
+    /// A plaintext client's connection to this app port (permissive mode).
+    Plaintext(u16),
+    /// HTTP/1 inside a peer's opaque stream to this app port, not declared opaque.
+    Tunnel(u16),
+}
+
+/// How long a tunnel to a port not declared opaque may take to send its first request
+/// head: 30 s, hyper's limit for every later one.
+const TUNNEL_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The largest request head read from a tunnel before it must parse: 64 KiB, what the
+/// mesh carries between proxies ([`h::MAX_HEADER_LIST_SIZE`]).
+const MAX_TUNNEL_HEAD: usize = h::MAX_HEADER_LIST_SIZE as usize;
+
+/// Whether `bytes` hold a complete HTTP/1 request head (`Ok(false)`: not yet), or why
+/// they cannot be one.
+fn tunnel_head(bytes: &[u8]) -> Result<bool, String> {
+    let mut headers = [httparse::EMPTY_HEADER; 100];
+    match httparse::Request::new(&mut headers).parse(bytes) {
+        Ok(httparse::Status::Complete(_)) => Ok(true),
+        Ok(httparse::Status::Partial) if bytes.len() < MAX_TUNNEL_HEAD => Ok(false),
+        Ok(httparse::Status::Partial) => Err(format!("no request head within {MAX_TUNNEL_HEAD} bytes")),
+        Err(e) => Err(format!("not an HTTP/1 request ({e})")),
+    }
+}
+
+/// Answers a tunnel whose bytes are neither TLS nor HTTP/1 with a 400 naming why, and
+/// closes it: on a port not declared opaque, only those are carried.
+async fn refuse_in_tunnel<D: tokio::io::AsyncWrite + Unpin>(io: &mut D, what: &str, why: &str) {
+    metrics::counter!(m::AUTHORIZATIONS, "decision" => "deny", "policy" => "not-http-in-tunnel").increment(1);
+    tracing::info!(
+        what,
+        why,
+        "closed a tunnel to a port not declared opaque: neither TLS nor HTTP/1"
+    );
+    let body = format!(
+        "a tunnel to {what} carries TLS or HTTP/1 only ({why}): declare the port opaque (appProtocol: tcp) for \
+         other protocols\n"
+    );
+    let answer = format!(
+        "HTTP/1.1 400 Bad Request\r\n{}: not-http\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: \
+         {}\r\nconnection: close\r\n\r\n{body}",
+        h::ERROR,
+        body.len()
+    );
+    let _ = io.write_all(answer.as_bytes()).await;
+    let _ = io.shutdown().await;
 }
 
 /// What a peer's request carries.
@@ -831,14 +1147,6 @@ fn app_uri(app: SocketAddr, path: &str) -> Option<Uri> {
         .filter(|uri| uri.authority().is_some_and(|a| a.as_str() == app.to_string()))
 }
 
-fn app_unavailable(app: SocketAddr, e: &hyper_util::client::legacy::Error) -> Response<Body> {
-    error_response(
-        StatusCode::BAD_GATEWAY,
-        "app-unavailable",
-        format!("the app at {app} did not answer: {}", crate::control::causes(e)),
-    )
-}
-
 /// Whether a connection's first byte opens a TLS handshake. A client silent for
 /// [`PLAINTEXT_DETECT_TIMEOUT`] is not TLS (a TLS client speaks first).
 async fn starts_with_tls(tcp: &TcpStream) -> bool {
@@ -849,18 +1157,19 @@ async fn starts_with_tls(tcp: &TcpStream) -> bool {
     )
 }
 
-/// Makes a plaintext request look like a peer's for [`Inbound::handle`]: mesh headers
-/// the client set are dropped (it cannot name an identity, a port or a protocol), the
-/// app port is the connection's, and HTTP/2 is marked as such. HTTP/1.1 upgrades
-/// (WebSocket) are refused: in permissive mode they are carried only over mTLS.
+/// Makes a plaintext request, or one read from a peer's tunnel, look like a peer's for
+/// [`Inbound::handle`]: mesh headers the client set are dropped (it cannot name an
+/// identity, a port or a protocol), the app port is the connection's, and HTTP/2 is
+/// marked as such. HTTP/1.1 upgrades (WebSocket) and `CONNECT` are refused: they are
+/// carried only as a peer's own `CONNECT` over mTLS.
 /// Returns the refusal to send, if any.
 fn as_mesh_request(req: &mut Request<Incoming>, port: u16) -> Option<Response<Body>> {
     if req.headers().contains_key(http::header::UPGRADE) || req.method() == Method::CONNECT {
         return Some(error_response(
             StatusCode::NOT_IMPLEMENTED,
             "plaintext-upgrade",
-            "a plaintext client cannot upgrade or CONNECT here: call through the mesh (mTLS) for WebSocket and \
-             tunnels"
+            "no upgrade or CONNECT from a plaintext client or inside a tunnel: call through the mesh for \
+             WebSocket and tunnels"
                 .into(),
         ));
     }
@@ -870,53 +1179,4 @@ fn as_mesh_request(req: &mut Request<Incoming>, port: u16) -> Option<Response<Bo
         req.headers_mut().insert(h::ORIG_PROTO, HeaderValue::from_static("h2"));
     }
     None
-}
-
-/// Joins a peer's opaque stream to the app, refusing one that opens with HTTP: on a port
-/// not declared opaque, HTTP must travel as HTTP, where the proxy sets `wary-client-id`
-/// itself; inside a byte stream a forged one would reach the app. The app's bytes flow
-/// at once (servers that speak first are not held up); the peer's first bytes are
-/// judged before any reaches the app, leading empty lines skipped as HTTP servers skip
-/// them.
-async fn bridge_refusing_http<D>(downstream: D, upstream: TcpStream, what: &str)
-where
-    D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-{
-    use tokio::io::AsyncReadExt;
-    let (mut from_peer, mut to_peer) = tokio::io::split(downstream);
-    let (mut from_app, mut to_app) = upstream.into_split();
-    let to_client = tokio::spawn(async move {
-        let _ = tokio::io::copy(&mut from_app, &mut to_peer).await;
-        let _ = to_peer.shutdown().await;
-    });
-    let mut first = bytes::BytesMut::with_capacity(64);
-    let verdict = loop {
-        let start = first
-            .iter()
-            .position(|b| !matches!(b, b'\r' | b'\n'))
-            .unwrap_or(first.len());
-        match detect::classify(&first[start..]) {
-            Some(p) => break Some(p),
-            None if first.len() >= 4096 => break Some(detect::Protocol::Opaque),
-            None => {}
-        }
-        match from_peer.read_buf(&mut first).await {
-            Ok(n) if n > 0 => {}
-            _ => break None,
-        }
-    };
-    if verdict == Some(detect::Protocol::Http) {
-        metrics::counter!(m::AUTHORIZATIONS, "decision" => "deny", "policy" => "http-in-tcp-stream").increment(1);
-        tracing::info!(
-            what,
-            "closed an opaque stream that carried HTTP to a port not declared opaque"
-        );
-        to_client.abort();
-        return;
-    }
-    if to_app.write_all(&first).await.is_ok() && verdict.is_some() {
-        let _ = tokio::io::copy(&mut from_peer, &mut to_app).await;
-    }
-    let _ = to_app.shutdown().await;
-    let _ = to_client.await;
 }

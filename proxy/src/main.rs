@@ -368,7 +368,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let shutdown = Arc::new(tokio::sync::Notify::new());
     let outbound_config = OutboundConfig {
         namespace,
-        opaque_ports: args.opaque_ports.0,
+        opaque_ports: args.opaque_ports.0.clone(),
         detect_timeout: Duration::from_millis(args.detect_timeout_ms),
         expect_continue_wait: Duration::from_millis(args.expect_continue_wait_ms),
         access_log: match args.access_log.as_str() {
@@ -403,6 +403,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         cache.clone(),
         policy_name,
         reserved,
+        args.opaque_ports.0,
         drain.clone(),
     ));
     let inbound_tls = wary_certs::tls::server_config(

@@ -87,6 +87,11 @@ pub const CLIENT_CONNECTIONS_CLOSED: &str = "wary_proxy_client_connections_close
 /// handshake, counted in `wary_proxy_tls_handshake_failures_total{reason="not_tls"}`).
 pub const INBOUND_PLAINTEXT: &str = "wary_proxy_inbound_plaintext_connections_total";
 
+/// Counter: requests from peer proxies the app never processed (its HTTP/2 server
+/// refused the stream or sent a GOAWAY below it), answered with RST_STREAM
+/// (REFUSED_STREAM) so the peer may send them again.
+pub const INBOUND_REFUSED_STREAMS: &str = "wary_proxy_inbound_refused_streams_total";
+
 /// Registers the help text and unit of every metric (Prometheus `# HELP` lines).
 pub fn describe() {
     use metrics::describe_histogram;
@@ -198,6 +203,11 @@ pub fn describe() {
         INBOUND_PLAINTEXT,
         Unit::Count,
         "Plaintext inbound connections in permissive mTLS mode, by decision (served, refused)."
+    );
+    describe_counter!(
+        INBOUND_REFUSED_STREAMS,
+        Unit::Count,
+        "Requests the app never processed, refused to the peer proxy so it may send them again."
     );
     describe_counter!(
         AUTHORIZATIONS,

@@ -211,7 +211,7 @@ impl Outbound {
         server.http1().half_close(true).timer(TokioTimer::new());
         server
             .http2()
-            .max_header_list_size(h::MAX_HEADER_LIST_SIZE)
+            .max_header_list_size(h::H2_MAX_REQUEST_HEADER_LIST_SIZE)
             .timer(TokioTimer::new())
             .keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5));
@@ -603,7 +603,7 @@ impl Outbound {
             route.retries_sent.increment(1);
             drop(response);
             avoid = Some(target.app);
-            body = replay.boxed();
+            body = replay.map_err(Into::into).boxed();
             tokio::time::sleep(retry.backoff(attempt)).await;
         }
         unreachable!("the last attempt returns")
@@ -813,7 +813,7 @@ impl Outbound {
         error_response(
             StatusCode::BAD_GATEWAY,
             "peer-failed",
-            format!("request to {} failed: {e}", hop.peer),
+            format!("request to {} failed: {}", hop.peer, crate::control::causes(e)),
         )
     }
 

@@ -214,7 +214,7 @@ impl PeerPool {
         metrics::counter!(m::TLS_HANDSHAKES, "direction" => "outbound").increment(1);
         let (sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
-            .max_header_list_size(crate::http::MAX_HEADER_LIST_SIZE)
+            .max_header_list_size(crate::http::H2_MAX_RESPONSE_HEADER_LIST_SIZE)
             .keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))
             .handshake(TokioIo::new(tls))

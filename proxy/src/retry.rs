@@ -383,13 +383,14 @@ impl<B> ReplayBody<B> {
     }
 
     /// A body for another attempt, superseding every earlier one (they end at once if
-    /// still being read): when the original was kept whole, or was not read
-    /// at all yet. `None` when it outgrew the limit, or was cut off part-way (a
-    /// replay must never be truncated).
+    /// still being read): what was kept, then whatever of the original is still
+    /// unread (a stream refused while its body was on the way is sent again whole).
+    /// `None` when the original outgrew the limit or failed: a replay must never be
+    /// truncated.
     pub fn replay(&self) -> Option<Self> {
         let mut shared = self.shared.lock().unwrap_or_else(|e| e.into_inner());
-        let whole = shared.kept.complete || shared.kept.bytes == 0;
-        if shared.kept.overflowed || !whole {
+        let readable = shared.kept.complete || shared.inner.is_some();
+        if shared.kept.overflowed || !readable {
             return None;
         }
         shared.epoch += 1;
@@ -509,9 +510,21 @@ mod tests {
         let mut big = ReplayBody::new(chunked(&[b"0123456789", b"0123456789"]), 15);
         let keeper = big.keeper();
         let _ = big.frame().await;
-        assert!(keeper.replay().is_none(), "read part-way: a replay would be cut off");
-        assert_eq!(big.collect().await.unwrap().to_bytes().len(), 10, "the rest");
+        let mut replay = keeper.replay().expect("read part-way: the kept part, then the rest");
+        assert!(big.frame().await.is_none(), "the first attempt is over");
+        let _ = replay.frame().await;
+        assert_eq!(replay.collect().await.unwrap().to_bytes().len(), 10, "the rest");
         assert!(keeper.replay().is_none(), "outgrew 15 bytes: no replay");
+    }
+
+    #[tokio::test]
+    async fn a_body_read_part_way_replays_whole() {
+        let mut first = ReplayBody::new(chunked(&[b"ab", b"cd", b"e"]), 64);
+        let keeper = first.keeper();
+        let _ = first.frame().await;
+        let replay = keeper.replay().unwrap();
+        let replayed = replay.collect().await.unwrap();
+        assert_eq!(&replayed.to_bytes()[..], b"abcde");
     }
 
     #[tokio::test]

@@ -26,9 +26,10 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use crate::http::Body;
 
 /// The protocol an HTTP/1.1 request asks to switch to (its `Upgrade` value), when it
-/// asks properly: `Connection: upgrade` names the header (RFC 9110 §7.8) and there is
-/// no body to carry first. `None` for anything else, which is then proxied as a plain
-/// request (the `Upgrade` header is hop-by-hop and goes) — and for `h2c`.
+/// asks properly: `Connection: upgrade` names the header (RFC 9110 §7.8), there is no
+/// body to carry first, and the protocol is WebSocket (RFC 6455), the one upgrade the
+/// mesh carries. `None` for anything else, which is then proxied as a plain request
+/// (the `Upgrade` header is hop-by-hop and goes, and a server may ignore it).
 pub fn upgrade_protocol<B: hyper::body::Body>(req: &Request<B>) -> Option<HeaderValue> {
     if req.version() != Version::HTTP_11 || !req.body().is_end_stream() {
         return None;
@@ -44,12 +45,14 @@ pub fn upgrade_protocol<B: hyper::body::Body>(req: &Request<B>) -> Option<Header
         return None;
     }
     let protocol = req.headers().get(header::UPGRADE)?;
-    // h2c would carry later requests past per-request authorization, balancing and
-    // metrics in one tunnel (h2c smuggling); RFC 9113 deprecates the upgrade anyway.
-    let h2c = protocol
-        .to_str()
-        .map_or(true, |v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case("h2c")));
-    (!h2c).then(|| protocol.clone())
+    // After any other switch, h2c above all (h2c smuggling), later requests would ride
+    // one tunnel past per-request authorization, balancing and metrics.
+    is_websocket(protocol).then(|| protocol.clone())
+}
+
+/// Whether an `Upgrade` value asks for WebSocket and nothing else.
+pub fn is_websocket(protocol: &HeaderValue) -> bool {
+    protocol.as_bytes().trim_ascii().eq_ignore_ascii_case(b"websocket")
 }
 
 /// Adds `Connection: upgrade` and `Upgrade: <protocol>` to an HTTP/1.1 message.
@@ -128,7 +131,8 @@ where
             }
         }
     });
-    let frames = tokio_stream::wrappers::ReceiverStream::new(rx).map(|b| Ok::<_, hyper::Error>(Frame::data(b)));
+    let frames =
+        tokio_stream::wrappers::ReceiverStream::new(rx).map(|b| Ok::<_, crate::http::BoxError>(Frame::data(b)));
     BodyExt::boxed(StreamBody::new(frames))
 }
 
@@ -152,5 +156,9 @@ mod tests {
         assert!(upgrade_protocol(&req(&[("connection", "upgrade")])).is_none());
         let h2c = req(&[("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c")]);
         assert!(upgrade_protocol(&h2c).is_none());
+        let other = req(&[("connection", "upgrade"), ("upgrade", "websocket, h2c")]);
+        assert!(upgrade_protocol(&other).is_none());
+        assert!(upgrade_protocol(&req(&[("connection", "upgrade"), ("upgrade", "TLS/1.2")])).is_none());
+        assert!(upgrade_protocol(&req(&[("connection", "upgrade"), ("upgrade", "WebSocket")])).is_some());
     }
 }

@@ -345,17 +345,33 @@ impl pb::echo_server::Echo for EchoService {
     }
 
     async fn fail(&self, req: tonic::Request<pb::FailRequest>) -> Result<tonic::Response<pb::Size>, tonic::Status> {
-        let pb::FailRequest { code, metadata_bytes } = req.into_inner();
-        let mut status = tonic::Status::new(tonic::Code::from_i32(code), "failed as asked");
-        // In 1 KiB values, as real services attach error details.
-        let chunk = "x".repeat(1024);
-        for i in 0..metadata_bytes / 1024 {
-            let key: tonic::metadata::MetadataKey<tonic::metadata::Ascii> =
-                format!("x-detail-{i}").parse().expect("a metadata key");
-            status.metadata_mut().insert(key, chunk.parse().expect("ASCII"));
-        }
-        Err(status)
+        Err(failure(req.into_inner()))
     }
+
+    type FailAfterMessageStream = PayloadStream;
+
+    async fn fail_after_message(
+        &self,
+        req: tonic::Request<pb::FailRequest>,
+    ) -> Result<tonic::Response<PayloadStream>, tonic::Status> {
+        let status = failure(req.into_inner());
+        let stream = futures::stream::iter([Ok(pb::Payload { data: vec![1; 16] }), Err(status)]);
+        Ok(tonic::Response::new(Box::pin(stream)))
+    }
+}
+
+/// The status `Fail` asks for, with `metadata_bytes` of metadata in 1 KiB values, as
+/// real services attach error details.
+fn failure(req: pb::FailRequest) -> tonic::Status {
+    let pb::FailRequest { code, metadata_bytes } = req;
+    let mut status = tonic::Status::new(tonic::Code::from_i32(code), "failed as asked");
+    let chunk = "x".repeat(1024);
+    for i in 0..metadata_bytes / 1024 {
+        let key: tonic::metadata::MetadataKey<tonic::metadata::Ascii> =
+            format!("x-detail-{i}").parse().expect("a metadata key");
+        status.metadata_mut().insert(key, chunk.parse().expect("ASCII"));
+    }
+    status
 }
 
 /// Serves [`EchoService`] over HTTP/2 prior knowledge on `addr`, accepting messages of
@@ -376,4 +392,134 @@ pub async fn grpc(addr: SocketAddr) -> (EchoService, JoinHandle<()>) {
             .await;
     });
     (service, task)
+}
+
+/// A request as an HTTP/1.1 server read it off the wire.
+#[derive(Debug, Clone)]
+pub struct RawRequest {
+    /// The request line and header lines, exactly as received (names in their case).
+    pub head: String,
+    /// How the body was framed: `chunked`, `length` or `none`.
+    pub framing: &'static str,
+    /// The body, chunked encoding removed.
+    pub body: Vec<u8>,
+}
+
+/// What a [`recorder`] saw, in order.
+pub type Recorded = Arc<Mutex<Vec<RawRequest>>>;
+
+/// An HTTP/1.1 server that records each request as the bytes arrived (see
+/// [`RawRequest`]) and answers `200` with the body echoed, `X-Echo-Framing` naming its
+/// framing and a mixed-case `X-Mixed-Case: Yes`; connections are kept alive. It reads the
+/// wire itself, since a parsing server would hide header case and framing.
+pub async fn recorder(addr: SocketAddr) -> (Recorded, JoinHandle<()>) {
+    let listener = TcpListener::bind(addr)
+        .await
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+    let recorded = Recorded::default();
+    let seen = recorded.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((tcp, _)) = listener.accept().await else {
+                continue;
+            };
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut conn = RawConn {
+                    tcp,
+                    buf: bytes::BytesMut::new(),
+                };
+                while let Some(request) = conn.request().await {
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nX-Mixed-Case: Yes\r\nX-Echo-Framing: {}\r\nContent-Length: {}\r\n\r\n",
+                        request.framing,
+                        request.body.len()
+                    );
+                    let body = request.body.clone();
+                    seen.lock().unwrap().push(request);
+                    if conn.tcp.write_all(answer.as_bytes()).await.is_err() || conn.tcp.write_all(&body).await.is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    (recorded, task)
+}
+
+struct RawConn {
+    tcp: tokio::net::TcpStream,
+    buf: bytes::BytesMut,
+}
+
+impl RawConn {
+    /// Reads more bytes; `false` at the end of the stream.
+    async fn more(&mut self) -> bool {
+        matches!(self.tcp.read_buf(&mut self.buf).await, Ok(n) if n > 0)
+    }
+
+    /// The next line (without its CRLF).
+    async fn line(&mut self) -> Option<Vec<u8>> {
+        loop {
+            if let Some(i) = self.buf.windows(2).position(|w| w == b"\r\n") {
+                let line = self.buf.split_to(i + 2);
+                return Some(line[..i].to_vec());
+            }
+            if !self.more().await {
+                return None;
+            }
+        }
+    }
+
+    async fn exactly(&mut self, n: usize) -> Option<Vec<u8>> {
+        while self.buf.len() < n {
+            if !self.more().await {
+                return None;
+            }
+        }
+        Some(self.buf.split_to(n).to_vec())
+    }
+
+    async fn request(&mut self) -> Option<RawRequest> {
+        let mut head = String::new();
+        loop {
+            let line = self.line().await?;
+            if line.is_empty() && !head.is_empty() {
+                break;
+            }
+            if !line.is_empty() {
+                head.push_str(&String::from_utf8_lossy(&line));
+                head.push_str("\r\n");
+            }
+        }
+        let header = |name: &str| {
+            head.lines().skip(1).find_map(|l| {
+                let (k, v) = l.split_once(':')?;
+                k.trim().eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+            })
+        };
+        let chunked = header("transfer-encoding").is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        let length = header("content-length").and_then(|v| v.parse::<usize>().ok());
+        let (framing, body) = if chunked {
+            let mut body = Vec::new();
+            loop {
+                let size = self.line().await?;
+                let size = String::from_utf8_lossy(&size);
+                let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+                if size == 0 {
+                    while !self.line().await?.is_empty() {}
+                    break;
+                }
+                body.extend(self.exactly(size).await?);
+                self.line().await?;
+            }
+            ("chunked", body)
+        } else if let Some(n) = length {
+            ("length", self.exactly(n).await?)
+        } else {
+            ("none", Vec::new())
+        };
+        Some(RawRequest { head, framing, body })
+    }
 }

@@ -762,33 +762,3 @@ async fn an_identity_header_from_a_peer_is_replaced_by_the_verified_one() {
     let _ = response.into_body().collect().await.unwrap();
     let _ = (&app, &m.web);
 }
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn http_inside_a_tcp_tunnel_to_an_http_port_never_reaches_the_app() {
-    let net = "127.0.32";
-    let m = mesh(net).await;
-    let app = Upstream::start(addr(&format!("{net}.2:{HTTP}")), "backend-1").await;
-    // An app tunnels raw HTTP with a forged identity to the backend's HTTP port.
-    let mut tcp = TcpStream::connect(m.web.outbound).await.unwrap();
-    let target = format!("backend.default:{HTTP}");
-    tcp.write_all(format!("CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").as_bytes())
-        .await
-        .unwrap();
-    let head = read_until(&mut tcp, b"\r\n\r\n").await;
-    assert!(head.starts_with("HTTP/1.1 200"), "{head}");
-    tcp.write_all(b"\r\nGET /hello HTTP/1.1\r\nHost: backend\r\nwary-client-id: spiffe://cluster.local/ns/default/sa/admin\r\n\r\n")
-        .await
-        .unwrap();
-    let mut rest = String::new();
-    tokio::time::timeout(DEADLINE, tcp.read_to_string(&mut rest))
-        .await
-        .expect("the tunnel is closed")
-        .unwrap_or_default();
-    assert!(!rest.contains("hello from"), "{rest}");
-    assert!(app.seen.requests.lock().unwrap().is_empty(), "the app saw a request");
-    let metrics = m.backend.admin_get("/metrics").await;
-    assert!(
-        metrics.contains("wary_proxy_inbound_authorizations_total{decision=\"deny\",policy=\"http-in-tcp-stream\"} 1"),
-        "{metrics}"
-    );
-}
