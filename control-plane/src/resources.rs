@@ -141,9 +141,9 @@ pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<Co
     }
     // For each workload, the names of the services that select it.
     let mut services_of: Vec<Vec<&str>> = vec![Vec::new(); workloads.len()];
-    // For each workload, the ports a selecting Service declares `appProtocol: tcp`: the
-    // workload's inbound carries opaque streams there unless it declares otherwise.
-    let mut opaque_of: Vec<Vec<u16>> = vec![Vec::new(); workloads.len()];
+    // For each workload, the protocols its selecting Services declare for its ports
+    // (`appProtocol`), used where the Workload leaves a port to detection.
+    let mut declared_of: Vec<BTreeMap<u16, AppProtocol>> = vec![BTreeMap::new(); workloads.len()];
     for (d, spec) in &services {
         let name = format!("{}.{}", d.name, d.namespace);
         let policy = traffic.get(&(d.namespace.as_str(), d.name.as_str())).map(|(tp, _)| *tp);
@@ -161,12 +161,17 @@ pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<Co
             .collect();
         for &i in &selected {
             services_of[i].push(d.name.as_str());
-            let opaque = spec
-                .ports
-                .iter()
-                .filter(|sp| sp.app_protocol == AppProtocol::Tcp)
-                .filter_map(|sp| target_port(sp, workloads[i].1));
-            opaque_of[i].extend(opaque);
+            for sp in spec.ports.iter().filter(|sp| sp.app_protocol != AppProtocol::Detect) {
+                if let Some(port) = target_port(sp, workloads[i].1) {
+                    // Two Services disagreeing: an HTTP protocol wins over `tcp`, so
+                    // the inbound reads and authorizes every request rather than
+                    // carry bytes that could hold a forged identity header.
+                    let declared = declared_of[i].entry(port).or_insert(sp.app_protocol);
+                    if *declared == AppProtocol::Tcp {
+                        *declared = sp.app_protocol;
+                    }
+                }
+            }
         }
         let endpoints = selected
             .iter()
@@ -183,7 +188,7 @@ pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<Co
             },
         );
     }
-    for (((w, spec), in_services), opaque) in workloads.iter().zip(&services_of).zip(&opaque_of) {
+    for (((w, spec), in_services), declared) in workloads.iter().zip(&services_of).zip(&declared_of) {
         let authorizations = authz
             .iter()
             .filter(|(a, ap)| a.namespace == w.namespace && applies(ap, &w.labels, in_services))
@@ -209,10 +214,10 @@ pub fn compute(docs: &[Document]) -> Result<(Snapshot, Vec<ConfigError>), Vec<Co
                     .iter()
                     .map(|p| pb::InboundPort {
                         port: u32::from(p.port),
-                        protocol: match p.app_protocol {
-                            AppProtocol::Detect if opaque.contains(&p.port) => pb::Protocol::Opaque,
-                            declared => protocol(declared),
-                        } as i32,
+                        protocol: protocol(match p.app_protocol {
+                            AppProtocol::Detect => declared.get(&p.port).copied().unwrap_or(AppProtocol::Detect),
+                            own => own,
+                        }) as i32,
                         mtls_mode: p.mtls.as_ref().map(|m| mtls_mode(m.mode) as i32),
                     })
                     .collect(),
@@ -524,6 +529,50 @@ spec:
         let inbound = pb::InboundPolicy::from_any(&any(pb::InboundPolicy::TYPE_URL, "orders-1.default")).unwrap();
         assert_eq!(inbound.authorizations.len(), 1);
         assert_eq!(inbound.authorizations[0].name, "web-only.default");
+    }
+
+    #[test]
+    fn a_workload_port_left_to_detection_takes_its_services_declared_protocol() {
+        let mesh = "\
+apiVersion: local.wary.io/v1alpha1
+kind: Service
+metadata: {name: db}
+spec:
+  selector: {app: a}
+  ports: [{name: db, port: 5000, targetPort: 5000, appProtocol: tcp}, {name: web, port: 9300, appProtocol: tcp}]
+---
+apiVersion: local.wary.io/v1alpha1
+kind: Service
+metadata: {name: api}
+spec:
+  selector: {app: a}
+  ports: [{name: web, port: 9300, appProtocol: http}]
+---
+apiVersion: local.wary.io/v1alpha1
+kind: Workload
+metadata: {name: a-1, labels: {app: a}}
+spec:
+  address: 127.0.1.1
+  ports: [{name: db, port: 5000}, {name: web, port: 9300}, {name: own, port: 7000, appProtocol: http}, {name: x, port: 6379}]
+";
+        let docs = parse_file(Path::new("m.yaml"), mesh).unwrap();
+        let (snap, _) = compute(&docs).unwrap();
+        let any = snap.get(pb::InboundPolicy::TYPE_URL).unwrap().resources["a-1.default"]
+            .resource
+            .clone()
+            .unwrap();
+        let inbound = pb::InboundPolicy::from_any(&any).unwrap();
+        let protocols: Vec<(u32, i32)> = inbound.ports.iter().map(|p| (p.port, p.protocol)).collect();
+        assert_eq!(
+            protocols,
+            [
+                (5000, pb::Protocol::Opaque as i32),
+                // One Service says tcp, another http: the requests are read.
+                (9300, pb::Protocol::Http1 as i32),
+                (7000, pb::Protocol::Http1 as i32),
+                (6379, pb::Protocol::Detect as i32),
+            ]
+        );
     }
 
     #[test]

@@ -150,7 +150,9 @@ impl Admin {
         }
         match req.uri().path() {
             "/metrics" => {
-                let mut r = text(StatusCode::OK, self.prometheus.render());
+                let mut page = self.prometheus.render();
+                self.balancers.render_metrics(&mut page);
+                let mut r = text(StatusCode::OK, page);
                 r.headers_mut().insert(
                     header::CONTENT_TYPE,
                     header::HeaderValue::from_static("text/plain; version=0.0.4"),

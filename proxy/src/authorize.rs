@@ -183,9 +183,9 @@ fn operation_matches(o: &Operation, req: &Request<'_>, action: Action) -> bool {
     let port = o.ports.is_empty() || o.ports.contains(&u32::from(req.port));
     match req.http {
         Some((method, path)) => {
-            port && all_or_any(&o.methods, method)
+            port && (o.methods.is_empty() || o.methods.iter().any(|p| method_glob(p, method)))
                 && all_or_any(&o.paths, path)
-                && !o.not_methods.iter().any(|p| glob(p, method))
+                && !o.not_methods.iter().any(|p| method_glob(p, method))
                 && !o.not_paths.iter().any(|p| glob(p, path))
         }
         None => {
@@ -199,6 +199,25 @@ fn operation_matches(o: &Operation, req: &Request<'_>, action: Action) -> bool {
 /// An empty list matches everything; otherwise some pattern must match.
 fn all_or_any(patterns: &[String], value: &str) -> bool {
     patterns.is_empty() || patterns.iter().any(|p| glob(p, value))
+}
+
+/// As [`glob`], for a method, ignoring ASCII case: methods are case-sensitive
+/// (RFC 9110 §9.1), but many servers upper-case them (Werkzeug, for one), so a DENY of
+/// `DELETE` must also hold against `delete`.
+fn method_glob(pattern: &str, method: &str) -> bool {
+    let eq = |a: Option<&str>, b: &str| a.is_some_and(|a| a.eq_ignore_ascii_case(b));
+    if pattern == "*" {
+        true
+    } else if let Some(prefix) = pattern.strip_suffix('*') {
+        eq(method.get(..prefix.len()), prefix)
+    } else if let Some(suffix) = pattern.strip_prefix('*') {
+        eq(
+            method.len().checked_sub(suffix.len()).and_then(|i| method.get(i..)),
+            suffix,
+        )
+    } else {
+        method.eq_ignore_ascii_case(pattern)
+    }
 }
 
 /// `*`, `prefix*`, `*suffix`, or an exact value.
@@ -218,6 +237,21 @@ fn glob(pattern: &str, value: &str) -> bool {
 mod tests {
     use super::*;
     use wary_proto::discovery::Rule;
+
+    #[test]
+    fn methods_match_whatever_their_case() {
+        for (pattern, method, matches) in [
+            ("DELETE", "delete", true),
+            ("DELETE", "Delete", true),
+            ("DEL*", "delete", true),
+            ("*ETE", "delete", true),
+            ("*", "purge", true),
+            ("GET", "GETX", false),
+            ("*LONGER", "GET", false),
+        ] {
+            assert_eq!(method_glob(pattern, method), matches, "{pattern} {method}");
+        }
+    }
 
     fn policy(authorizations: Vec<Authorization>, default: DefaultInboundPolicy) -> InboundPolicy {
         InboundPolicy {

@@ -109,14 +109,8 @@ pub struct EndpointLoad {
     probing: std::sync::atomic::AtomicBool,
     /// Circuit-breaker state.
     pub outlier: Outlier,
-    ewma_gauge: metrics::Gauge,
-    in_flight_gauge: metrics::Gauge,
-    requests: metrics::Counter,
-    ejected_gauge: metrics::Gauge,
-    ejections: metrics::Counter,
-    successes: metrics::Counter,
-    failures: metrics::Counter,
-    latency: metrics::Histogram,
+    /// Its counters and response-time summary, rendered on `/metrics` while it lives.
+    stats: m::EndpointStats,
 }
 
 impl std::fmt::Debug for EndpointLoad {
@@ -129,25 +123,14 @@ impl std::fmt::Debug for EndpointLoad {
 }
 
 impl EndpointLoad {
-    fn new(service: &str, addr: SocketAddr, default_rtt: Duration) -> Self {
+    fn new(default_rtt: Duration) -> Self {
         let seed = default_rtt.max(RTT_FLOOR).as_secs_f64();
-        // Labels are bounded: services and endpoints come from the mesh's configuration.
-        let labels = [("service", service.to_string()), ("endpoint", addr.to_string())];
-        let ewma_gauge = metrics::gauge!(m::ENDPOINT_EWMA, &labels);
-        ewma_gauge.set(seed);
         Self {
             ewma: Mutex::new((seed, Instant::now(), None)),
             in_flight: AtomicU32::new(0),
             probing: std::sync::atomic::AtomicBool::new(false),
             outlier: Outlier::default(),
-            ewma_gauge,
-            in_flight_gauge: metrics::gauge!(m::ENDPOINT_IN_FLIGHT, &labels),
-            requests: metrics::counter!(m::ENDPOINT_REQUESTS, &labels),
-            ejected_gauge: metrics::gauge!(m::ENDPOINT_EJECTED, &labels),
-            ejections: metrics::counter!(m::ENDPOINT_EJECTIONS, &labels),
-            successes: metrics::counter!(m::ENDPOINT_RESPONSES, "service" => service.to_string(), "endpoint" => addr.to_string(), "outcome" => "success"),
-            failures: metrics::counter!(m::ENDPOINT_RESPONSES, "service" => service.to_string(), "endpoint" => addr.to_string(), "outcome" => "failure"),
-            latency: metrics::histogram!(m::ENDPOINT_LATENCY, &labels),
+            stats: m::EndpointStats::default(),
         }
     }
 
@@ -161,8 +144,6 @@ impl EndpointLoad {
         let w = (-elapsed / decay.as_secs_f64()).exp();
         g.0 = (g.0 * w).max(RTT_FLOOR.as_secs_f64());
         g.1 = now;
-        // The gauge follows the decay too, so it agrees with /config_dump.
-        self.ewma_gauge.set(g.0);
         g.0
     }
 
@@ -213,7 +194,6 @@ impl EndpointLoad {
         g.1 = now;
         g.2 = Some(now);
         self.probing.store(false, Ordering::Release);
-        self.ewma_gauge.set(g.0);
     }
 }
 
@@ -251,7 +231,7 @@ impl Pick {
         if !self.sampled {
             self.sampled = true;
             let rtt = self.started.elapsed();
-            self.load.latency.record(rtt.as_secs_f64());
+            self.load.stats.record_latency(rtt.as_secs_f64());
             self.load.observe(rtt, self.decay);
         }
     }
@@ -262,10 +242,9 @@ impl Pick {
     /// and a successful probe readmits it.
     pub fn success(&mut self) {
         self.reported = true;
-        self.load.successes.increment(1);
+        self.load.stats.successes.fetch_add(1, Ordering::Relaxed);
         if self.load.outlier.success(self.probe) {
             self.balancer.ejected.fetch_sub(1, Ordering::Relaxed);
-            self.load.ejected_gauge.set(0.0);
             self.balancer.reseed(&self.load);
             tracing::info!(service = %self.balancer.service, "the probe succeeded: endpoint readmitted");
         }
@@ -276,7 +255,7 @@ impl Pick {
     /// endpoint stays in rotation and within `max_ejection_percent`.
     pub fn failure(&mut self) {
         self.reported = true;
-        self.load.failures.increment(1);
+        self.load.stats.failures.fetch_add(1, Ordering::Relaxed);
         if self.load.outlier.failure(self.probe, &self.outlier) {
             self.balancer.eject(&self.load, self.of, &self.outlier);
         } else if self.probe {
@@ -294,8 +273,7 @@ impl Drop for Pick {
             g.2 = Some(Instant::now());
             self.load.probing.store(false, Ordering::Release);
         }
-        let now = self.load.in_flight.fetch_sub(1, Ordering::Relaxed) - 1;
-        self.load.in_flight_gauge.set(f64::from(now));
+        self.load.in_flight.fetch_sub(1, Ordering::Relaxed);
         if self.probe && !self.reported {
             // The probe never got an answer to judge: let another request probe.
             self.load.outlier.release_probe();
@@ -402,9 +380,8 @@ impl Balancer {
 
     fn make_pick(self: &Arc<Self>, endpoints: &[SocketAddr], index: usize, settings: &Settings, probe: bool) -> Pick {
         let load = self.load(endpoints[index], settings);
-        let now = load.in_flight.fetch_add(1, Ordering::Relaxed) + 1;
-        load.in_flight_gauge.set(f64::from(now));
-        load.requests.increment(1);
+        load.in_flight.fetch_add(1, Ordering::Relaxed);
+        load.stats.requests.fetch_add(1, Ordering::Relaxed);
         Pick {
             index,
             load,
@@ -440,7 +417,7 @@ impl Balancer {
         } else {
             Duration::from_secs_f64(peers.iter().sum::<f64>() / peers.len() as f64)
         };
-        let load = Arc::new(EndpointLoad::new(&self.service, addr, seed));
+        let load = Arc::new(EndpointLoad::new(seed));
         loads.insert(addr, load.clone());
         load
     }
@@ -462,7 +439,6 @@ impl Balancer {
         let mean = peers.iter().sum::<f64>() / peers.len() as f64;
         let mut g = load.ewma.lock().unwrap_or_else(|e| e.into_inner());
         *g = (mean.max(RTT_FLOOR.as_secs_f64()), Instant::now(), None);
-        load.ewma_gauge.set(g.0);
     }
 
     /// Forgets endpoints that are no longer in `current` (after a discovery update).
@@ -471,7 +447,6 @@ impl Balancer {
             let keep = current.contains(a);
             if !keep && load.outlier.retire() {
                 self.ejected.fetch_sub(1, Ordering::Relaxed);
-                load.ejected_gauge.set(0.0);
             }
             keep
         });
@@ -493,8 +468,7 @@ impl Balancer {
         }
         if let Some(time) = load.outlier.eject(settings) {
             self.ejected.fetch_add(1, Ordering::Relaxed);
-            load.ejections.increment(1);
-            load.ejected_gauge.set(1.0);
+            load.stats.ejections.fetch_add(1, Ordering::Relaxed);
             tracing::info!(
                 service = %self.service,
                 ejection_ms = time.as_millis(),
@@ -570,6 +544,53 @@ impl Balancers {
     pub fn snapshot(&self) -> HashMap<String, Vec<EndpointSnapshot>> {
         let services = self.services.lock().unwrap_or_else(|e| e.into_inner());
         services.iter().map(|(name, b)| (name.clone(), b.snapshot())).collect()
+    }
+
+    /// The live endpoints with their statistics, taken under the locks and released
+    /// before anything is rendered from them.
+    fn live(&self) -> Vec<(Arc<Balancer>, SocketAddr, Arc<EndpointLoad>)> {
+        let services: Vec<Arc<Balancer>> = self
+            .services
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        let mut live = Vec::new();
+        for balancer in services {
+            let loads = balancer.loads.lock().unwrap_or_else(|e| e.into_inner());
+            let endpoints: Vec<_> = loads.iter().map(|(a, l)| (*a, l.clone())).collect();
+            drop(loads);
+            live.extend(endpoints.into_iter().map(|(a, l)| (balancer.clone(), a, l)));
+        }
+        live
+    }
+
+    /// Appends the per-endpoint series of the endpoints discovery has now (see
+    /// [`m::render_endpoints`]), sorted by service and endpoint.
+    pub fn render_metrics(&self, out: &mut String) {
+        let mut live = self.live();
+        live.sort_by(|a, b| (&a.0.service, a.1).cmp(&(&b.0.service, b.1)));
+        let rows: Vec<m::EndpointRow<'_>> = live
+            .iter()
+            .map(|(balancer, addr, load)| m::EndpointRow {
+                service: &balancer.service,
+                endpoint: *addr,
+                ewma: load.ewma.lock().unwrap_or_else(|e| e.into_inner()).0,
+                in_flight: load.in_flight(),
+                ejected: load.outlier.is_out(),
+                stats: &load.stats,
+            })
+            .collect();
+        m::render_endpoints(&rows, out);
+    }
+
+    /// Folds every endpoint's pending response times into its summary, so they do not
+    /// pile up between scrapes.
+    pub fn drain_metrics(&self) {
+        for (_, _, load) in self.live() {
+            load.stats.drain();
+        }
     }
 }
 

@@ -104,12 +104,29 @@ pub fn strip_mesh_headers(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes every `wary-` header (and `wary_` look-alike) from a request the app is
+/// about to receive: the app then sees only what its own inbound proxy adds after
+/// this (`wary-client-id`), whatever a client, a peer or a tunnel sent.
+pub fn strip_wary_headers(headers: &mut HeaderMap) {
+    let wary = |k: &HeaderName| k.as_str().starts_with("wary-") || k.as_str().starts_with("wary_");
+    if !headers.keys().any(wary) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers.keys().filter(|k| wary(k)).cloned().collect();
+    for name in names {
+        headers.remove(name);
+    }
+}
+
 /// The headers only proxies may set.
 const MESH_HEADERS: [HeaderName; 6] = [CLIENT_ID, DST_PORT, ORIG_PROTO, UPGRADE, METHOD, PATH];
 
-/// A request body whose trailers lose any mesh header, so a client cannot forge one
-/// there either, and fail it when they are over [`MAX_TRAILER_LIST_SIZE`].
-pub fn strip_mesh_trailers<B>(body: B) -> Body
+/// A request body for the app whose trailers lose every `wary-` header (as
+/// [`strip_wary_headers`]), so a client cannot forge one there either, and which fails
+/// when they are over [`MAX_TRAILER_LIST_SIZE`] — or, for an HTTP/1 app, when one is
+/// not among the `declared` names (the request's `Trailer` header): hyper's HTTP/1
+/// encoder would drop it without a word.
+pub fn strip_mesh_trailers<B>(body: B, declared: Option<Vec<HeaderName>>) -> Body
 where
     B: hyper::body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
     B::Error: Into<BoxError>,
@@ -117,10 +134,11 @@ where
     TrailerGuard {
         inner: body,
         grpc: false,
+        declared,
     }
     .map_frame(|frame| match frame.into_trailers() {
         Ok(mut trailers) => {
-            strip_mesh_headers(&mut trailers);
+            strip_wary_headers(&mut trailers);
             hyper::body::Frame::trailers(trailers)
         }
         Err(frame) => frame,
@@ -163,6 +181,29 @@ pub const H2_MAX_REQUEST_HEADER_LIST_SIZE: u32 = 2 * MAX_TRAILER_LIST_SIZE as u3
 pub struct TrailerGuard<B> {
     inner: B,
     grpc: bool,
+    /// For an HTTP/1 hop: the trailer names the message declared; others fail it.
+    declared: Option<Vec<HeaderName>>,
+}
+
+/// Trailers an HTTP/1 hop cannot carry: not declared in the message's `Trailer` header.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "the trailer {name} is not declared in the message's Trailer header, and HTTP/1 carries only declared trailers"
+)]
+pub struct UndeclaredTrailer {
+    /// The first undeclared name.
+    pub name: HeaderName,
+}
+
+/// The names a message's `Trailer` header declares (RFC 9110 §6.6.2).
+pub fn declared_trailers(headers: &HeaderMap) -> Vec<HeaderName> {
+    headers
+        .get_all(header::TRAILER)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect()
 }
 
 /// A trailer block over [`MAX_TRAILER_LIST_SIZE`].
@@ -190,7 +231,19 @@ where
             Some(Err(e)) => return std::task::Poll::Ready(Some(Err(e.into()))),
             None => return std::task::Poll::Ready(None),
         };
-        let size = frame.trailers_ref().map_or(0, header_list_size);
+        let Some(trailers) = frame.trailers_ref() else {
+            return std::task::Poll::Ready(Some(Ok(frame)));
+        };
+        if let Some(declared) = &self.declared
+            && let Some(name) = trailers
+                .keys()
+                .find(|k| !declared.contains(k) && !k.as_str().starts_with("wary-") && !k.as_str().starts_with("wary_"))
+        {
+            let undeclared = UndeclaredTrailer { name: name.clone() };
+            tracing::info!(error = %undeclared, "failed a message whose trailers HTTP/1 cannot carry");
+            return std::task::Poll::Ready(Some(Err(undeclared.into())));
+        }
+        let size = header_list_size(trailers);
         if size <= MAX_TRAILER_LIST_SIZE {
             return std::task::Poll::Ready(Some(Ok(frame)));
         }
@@ -289,7 +342,12 @@ pub fn relay(response: Response<hyper::body::Incoming>) -> Response<Body> {
     strip_hop_by_hop(&mut parts.headers);
     strip_mesh_headers(&mut parts.headers);
     let grpc = is_grpc(&parts.headers);
-    Response::from_parts(parts, TrailerGuard { inner: body, grpc }.boxed())
+    let guard = TrailerGuard {
+        inner: body,
+        grpc,
+        declared: None,
+    };
+    Response::from_parts(parts, guard.boxed())
 }
 
 /// An empty body.
@@ -490,6 +548,23 @@ mod tests {
         for bad in ["/%2fsecret.txt", "/a%5Cb", "/../etc/passwd", "/%zz", "/a\\b"] {
             assert!(normalize_path(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn the_app_gets_no_wary_header_it_did_not_get_from_its_proxy() {
+        let mut h = HeaderMap::new();
+        for name in [
+            "wary-client-id",
+            "wary-error",
+            "wary-attempts",
+            "wary-anything",
+            "wary_x",
+            "x-kept",
+        ] {
+            h.insert(HeaderName::from_static(name), HeaderValue::from_static("1"));
+        }
+        strip_wary_headers(&mut h);
+        assert_eq!(h.keys().map(HeaderName::as_str).collect::<Vec<_>>(), ["x-kept"]);
     }
 
     #[test]

@@ -395,6 +395,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     admin
         .serve_on_own_thread(admin_listener)
         .context("cannot start the admin server's thread")?;
+    // The per-endpoint response times too (see `metrics::EndpointStats`).
+    tokio::spawn({
+        let balancers = outbound.balancers();
+        async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tick.tick().await;
+                balancers.drain_metrics();
+            }
+        }
+    });
     tokio::spawn(outbound.serve(outbound_listener));
     let reserved = vec![admin_addr.port(), outbound_addr.port(), inbound_addr.port()];
     let policy_name = format!("{}.{}", workload_name, workload_namespace);

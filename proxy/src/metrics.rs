@@ -1,8 +1,21 @@
 //! The proxy's metrics: every name in one place, each with its help text. Labels are
 //! bounded: `type` is `service`, `endpoints` or `inbound_policy`; `result` is `ack` or
 //! `nack`.
+//!
+//! Per-endpoint series (`wary_proxy_endpoint_*`) are not in the `metrics` registry,
+//! which can never drop a series: each endpoint's balancer keeps them
+//! ([`EndpointStats`]) and `/metrics` renders them from the live endpoints
+//! ([`render_endpoints`]), so they leave the page the moment discovery removes the
+//! endpoint, and a proxy under endpoint churn keeps only the live set's series.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use metrics::{Unit, describe_counter, describe_gauge};
+use metrics_exporter_prometheus::Distribution;
 
 /// Gauge: 1 while the discovery stream is up, 0 otherwise.
 pub const DISCOVERY_CONNECTED: &str = "wary_proxy_discovery_connected";
@@ -141,33 +154,6 @@ pub fn describe() {
         "TLS handshakes that succeeded, by direction."
     );
     describe_counter!(REQUESTS, Unit::Count, "Requests proxied, by direction and service.");
-    describe_gauge!(
-        ENDPOINT_EWMA,
-        Unit::Seconds,
-        "Peak-EWMA RTT estimate of each endpoint, seconds."
-    );
-    describe_gauge!(ENDPOINT_IN_FLIGHT, Unit::Count, "Requests in flight to each endpoint.");
-    describe_counter!(ENDPOINT_REQUESTS, Unit::Count, "Requests sent to each endpoint.");
-    describe_counter!(
-        ENDPOINT_RESPONSES,
-        Unit::Count,
-        "Attempts answered by each endpoint, by outcome (success, failure)."
-    );
-    describe_histogram!(
-        ENDPOINT_LATENCY,
-        Unit::Seconds,
-        "Time to each endpoint's first response byte, seconds (rolling-minute quantiles)."
-    );
-    describe_gauge!(
-        ENDPOINT_EJECTED,
-        Unit::Count,
-        "1 while outlier detection holds the endpoint out."
-    );
-    describe_counter!(
-        ENDPOINT_EJECTIONS,
-        Unit::Count,
-        "Ejections of each endpoint after consecutive failures."
-    );
     describe_counter!(
         RETRIES,
         Unit::Count,
@@ -219,4 +205,217 @@ pub fn describe() {
         Unit::Count,
         "Access log lines dropped because the writer fell behind."
     );
+}
+
+/// The quantiles of each endpoint's response-time summary: p50, p90, p99.
+pub const ENDPOINT_QUANTILES: [f64; 3] = [0.5, 0.9, 0.99];
+
+/// The rolling window of each endpoint's response-time summary: three buckets of 20 s,
+/// about the last minute (the same as every other summary of the proxy).
+const SUMMARY_BUCKET: Duration = Duration::from_secs(20);
+
+/// One endpoint's counters and response-time summary, kept by its balancer and rendered
+/// by [`render_endpoints`]. Counting costs an atomic add; a response time is pushed
+/// lock-free and folded into the summary when `/metrics` is rendered or every 5 s.
+pub struct EndpointStats {
+    /// Requests sent to the endpoint.
+    pub requests: AtomicU64,
+    /// Attempts it answered without failing.
+    pub successes: AtomicU64,
+    /// Attempts it failed (5xx, connect failure, reset, timeout).
+    pub failures: AtomicU64,
+    /// Times it was ejected after consecutive failures.
+    pub ejections: AtomicU64,
+    latency: metrics_util::storage::AtomicBucket<f64>,
+    summary: Mutex<Distribution>,
+}
+
+impl Default for EndpointStats {
+    fn default() -> Self {
+        let quantiles = ENDPOINT_QUANTILES.map(metrics_util::Quantile::new).to_vec();
+        let buckets = std::num::NonZeroU32::new(3).unwrap_or(std::num::NonZeroU32::MIN);
+        Self {
+            requests: AtomicU64::new(0),
+            successes: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            ejections: AtomicU64::new(0),
+            latency: metrics_util::storage::AtomicBucket::new(),
+            summary: Mutex::new(Distribution::new_summary(Arc::new(quantiles), SUMMARY_BUCKET, buckets)),
+        }
+    }
+}
+
+impl EndpointStats {
+    /// Records one time to first byte, seconds.
+    pub fn record_latency(&self, seconds: f64) {
+        self.latency.push(seconds);
+    }
+
+    /// Folds the pushed response times into the rolling summary, so they never pile up.
+    pub fn drain(&self) {
+        let now = quanta::Instant::now();
+        let mut summary = self.summary.lock().unwrap_or_else(|e| e.into_inner());
+        self.latency.clear_with(|samples| {
+            let timed: Vec<(f64, quanta::Instant)> = samples.iter().map(|s| (*s, now)).collect();
+            summary.record_samples(&timed);
+        });
+    }
+
+    /// The summary now: the value at each of [`ENDPOINT_QUANTILES`], the sum and count.
+    fn summary(&self) -> ([f64; 3], f64, u64) {
+        self.drain();
+        let summary = self.summary.lock().unwrap_or_else(|e| e.into_inner());
+        match &*summary {
+            Distribution::Summary(rolling, _, sum) => {
+                let snapshot = rolling.snapshot(quanta::Instant::now());
+                let values = ENDPOINT_QUANTILES.map(|q| snapshot.quantile(q).unwrap_or(0.0));
+                (values, *sum, rolling.count() as u64)
+            }
+            _ => ([0.0; 3], 0.0, 0),
+        }
+    }
+}
+
+/// One live endpoint, as [`render_endpoints`] shows it.
+pub struct EndpointRow<'a> {
+    /// Its service, `<name>.<namespace>`.
+    pub service: &'a str,
+    /// Its app address.
+    pub endpoint: SocketAddr,
+    /// Its Peak-EWMA RTT estimate, s.
+    pub ewma: f64,
+    /// Requests in flight to it.
+    pub in_flight: u32,
+    /// Out of rotation (ejected, on probation or probed).
+    pub ejected: bool,
+    /// Its counters and summary.
+    pub stats: &'a EndpointStats,
+}
+
+/// Appends the `wary_proxy_endpoint_*` families of `rows` to a Prometheus text page
+/// (format 0.0.4), with their `# HELP` and `# TYPE` lines; nothing when there are none.
+pub fn render_endpoints(rows: &[EndpointRow<'_>], out: &mut String) {
+    if rows.is_empty() {
+        return;
+    }
+    let labels: Vec<String> = rows
+        .iter()
+        .map(|r| format!("service=\"{}\",endpoint=\"{}\"", escape(r.service), r.endpoint))
+        .collect();
+    let mut family = |name: &str, kind: &str, help: &str, value: &dyn Fn(&EndpointRow<'_>) -> f64| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (row, labels) in rows.iter().zip(&labels) {
+            let _ = writeln!(out, "{name}{{{labels}}} {}", value(row));
+        }
+        out.push('\n');
+    };
+    let count = |a: &AtomicU64| a.load(Ordering::Relaxed) as f64;
+    family(
+        ENDPOINT_EWMA,
+        "gauge",
+        "Peak-EWMA RTT estimate of each endpoint, seconds.",
+        &|r| r.ewma,
+    );
+    family(
+        ENDPOINT_IN_FLIGHT,
+        "gauge",
+        "Requests in flight to each endpoint.",
+        &|r| f64::from(r.in_flight),
+    );
+    family(ENDPOINT_REQUESTS, "counter", "Requests sent to each endpoint.", &|r| {
+        count(&r.stats.requests)
+    });
+    family(
+        ENDPOINT_EJECTED,
+        "gauge",
+        "1 while outlier detection holds the endpoint out.",
+        &|r| {
+            if r.ejected { 1.0 } else { 0.0 }
+        },
+    );
+    family(
+        ENDPOINT_EJECTIONS,
+        "counter",
+        "Ejections of each endpoint after consecutive failures.",
+        &|r| count(&r.stats.ejections),
+    );
+    let _ = writeln!(
+        out,
+        "# HELP {ENDPOINT_RESPONSES} Attempts answered by each endpoint, by outcome (success, failure).\n# TYPE \
+         {ENDPOINT_RESPONSES} counter"
+    );
+    for (row, labels) in rows.iter().zip(&labels) {
+        for (outcome, n) in [("success", &row.stats.successes), ("failure", &row.stats.failures)] {
+            let _ = writeln!(
+                out,
+                "{ENDPOINT_RESPONSES}{{{labels},outcome=\"{outcome}\"}} {}",
+                count(n)
+            );
+        }
+    }
+    out.push('\n');
+    let _ = writeln!(
+        out,
+        "# HELP {ENDPOINT_LATENCY} Time to each endpoint's first response byte, seconds (rolling-minute \
+         quantiles).\n# TYPE {ENDPOINT_LATENCY} summary"
+    );
+    for (row, labels) in rows.iter().zip(&labels) {
+        let (values, sum, n) = row.stats.summary();
+        for (q, v) in ENDPOINT_QUANTILES.iter().zip(values) {
+            let _ = writeln!(out, "{ENDPOINT_LATENCY}{{{labels},quantile=\"{q}\"}} {v}");
+        }
+        let _ = writeln!(
+            out,
+            "{ENDPOINT_LATENCY}_sum{{{labels}}} {sum}\n{ENDPOINT_LATENCY}_count{{{labels}}} {n}"
+        );
+    }
+    out.push('\n');
+}
+
+/// A label value as the Prometheus text format writes it.
+fn escape(value: &str) -> std::borrow::Cow<'_, str> {
+    if !value.contains(['\\', '"', '\n']) {
+        return std::borrow::Cow::Borrowed(value);
+    }
+    std::borrow::Cow::Owned(value.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_series_are_rendered_from_the_live_rows_only() {
+        let stats = EndpointStats::default();
+        stats.requests.fetch_add(3, Ordering::Relaxed);
+        stats.successes.fetch_add(2, Ordering::Relaxed);
+        stats.record_latency(0.004);
+        let row = EndpointRow {
+            service: "b.default",
+            endpoint: "127.0.0.1:9090".parse().unwrap(),
+            ewma: 0.002,
+            in_flight: 1,
+            ejected: false,
+            stats: &stats,
+        };
+        let mut page = String::new();
+        render_endpoints(&[row], &mut page);
+        let l = "service=\"b.default\",endpoint=\"127.0.0.1:9090\"";
+        for line in [
+            format!("wary_proxy_endpoint_requests_total{{{l}}} 3"),
+            format!("wary_proxy_endpoint_responses_total{{{l},outcome=\"success\"}} 2"),
+            format!("wary_proxy_endpoint_responses_total{{{l},outcome=\"failure\"}} 0"),
+            format!("wary_proxy_endpoint_in_flight{{{l}}} 1"),
+            // The summary's sketch is accurate to about 1 %.
+            format!("wary_proxy_endpoint_response_latency_seconds{{{l},quantile=\"0.99\"}} 0.00399"),
+            format!("wary_proxy_endpoint_response_latency_seconds_count{{{l}}} 1"),
+            "# TYPE wary_proxy_endpoint_response_latency_seconds summary".to_string(),
+        ] {
+            assert!(page.contains(&line), "{line} in\n{page}");
+        }
+        let mut empty = String::new();
+        render_endpoints(&[], &mut empty);
+        assert!(empty.is_empty());
+        assert_eq!(escape("a\"b"), "a\\\"b");
+    }
 }

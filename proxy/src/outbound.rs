@@ -113,10 +113,13 @@ impl Outbound {
         Self {
             pool,
             namespace: config.namespace,
-            // Idle connections outside the mesh close after 90 s, at most 8 kept per host.
+            // Plain connections (outside the mesh, or to endpoints without a proxy)
+            // close after PLAIN_IDLE_TIMEOUT unused, at most 8 kept per host: hyper's
+            // pool cannot drop one host's connections, so this bounds how long an
+            // endpoint discovery removed keeps its file descriptors.
             passthrough: Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
-                .pool_idle_timeout(Duration::from_secs(90))
+                .pool_idle_timeout(PLAIN_IDLE_TIMEOUT)
                 .pool_max_idle_per_host(8)
                 .build(connector),
             via: HeaderValue::try_from(format!("1.1 wary-{:08x}", rand::random::<u32>()))
@@ -603,7 +606,7 @@ impl Outbound {
             route.retries_sent.increment(1);
             drop(response);
             avoid = Some(target.app);
-            body = replay.map_err(Into::into).boxed();
+            body = replay.boxed();
             tokio::time::sleep(retry.backoff(attempt)).await;
         }
         unreachable!("the last attempt returns")
@@ -1031,6 +1034,12 @@ struct Hop<'a> {
     identity: &'a SpiffeId,
     app_port: u32,
 }
+
+/// How long an unused plain HTTP/1 connection (outside the mesh, or to an endpoint
+/// without a proxy) is kept: 15 s. hyper's pool looks for idle connections once per
+/// this timeout, so one is closed 15 to 30 s after its last use: connections to an
+/// endpoint discovery removed are gone within 30 s (hyper's default is 90 s).
+pub const PLAIN_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How long a `CONNECT` outside the mesh waits for TCP: 1 s, Linkerd's connect timeout.
 const PASSTHROUGH_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);

@@ -403,19 +403,33 @@ impl<B> ReplayBody<B> {
     }
 }
 
+/// What an attempt's body reads once a later attempt superseded it: an error, so the
+/// attempt's stream is reset rather than ended as if its body were complete (an app
+/// still reading it would otherwise take a truncated body for the whole).
+#[derive(Debug, thiserror::Error)]
+#[error("the request body went to a retry")]
+pub struct Superseded;
+
 impl<B> hyper::body::Body for ReplayBody<B>
 where
     B: hyper::body::Body<Data = Bytes> + Unpin,
+    B::Error: Into<crate::http::BoxError>,
 {
     type Data = Bytes;
-    type Error = B::Error;
+    type Error = crate::http::BoxError;
 
-    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, crate::http::BoxError>>> {
         let this = &mut *self;
         let mut shared = this.shared.lock().unwrap_or_else(|e| e.into_inner());
-        if this.epoch != shared.epoch {
-            // Superseded by a later attempt: this one is over.
+        if this.epoch == u32::MAX {
+            // The keeper reads nothing.
             return Poll::Ready(None);
+        }
+        if this.epoch != shared.epoch {
+            return Poll::Ready(Some(Err(Superseded.into())));
         }
         if let Some(chunk) = shared.kept.chunks.get(this.position) {
             this.position += 1;
@@ -454,7 +468,7 @@ where
             None => shared.kept.complete = true,
             Some(Err(_)) => shared.kept.overflowed = true,
         }
-        frame.map_or(Poll::Ready(None), |f| Poll::Ready(Some(f)))
+        frame.map_or(Poll::Ready(None), |f| Poll::Ready(Some(f.map_err(Into::into))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -511,7 +525,11 @@ mod tests {
         let keeper = big.keeper();
         let _ = big.frame().await;
         let mut replay = keeper.replay().expect("read part-way: the kept part, then the rest");
-        assert!(big.frame().await.is_none(), "the first attempt is over");
+        let over = big.frame().await.expect("a frame");
+        assert!(
+            over.is_err(),
+            "the first attempt fails: its stream must not end as if whole"
+        );
         let _ = replay.frame().await;
         assert_eq!(replay.collect().await.unwrap().to_bytes().len(), 10, "the rest");
         assert!(keeper.replay().is_none(), "outgrew 15 bytes: no replay");
@@ -532,8 +550,8 @@ mod tests {
         let first = ReplayBody::new(chunked(&[b"ab", b"cd"]), 64);
         let keeper = first.keeper();
         let replay = keeper.replay().unwrap();
-        // The first attempt is over: nothing more reaches it.
-        assert!(first.collect().await.unwrap().to_bytes().is_empty());
+        // The first attempt is over: it fails rather than end as if empty were whole.
+        assert!(first.collect().await.is_err());
         assert_eq!(&replay.collect().await.unwrap().to_bytes()[..], b"abcd");
     }
 

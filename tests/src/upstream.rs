@@ -410,8 +410,9 @@ pub type Recorded = Arc<Mutex<Vec<RawRequest>>>;
 
 /// An HTTP/1.1 server that records each request as the bytes arrived (see
 /// [`RawRequest`]) and answers `200` with the body echoed, `X-Echo-Framing` naming its
-/// framing and a mixed-case `X-Mixed-Case: Yes`; connections are kept alive. It reads the
-/// wire itself, since a parsing server would hide header case and framing.
+/// framing and a mixed-case `X-Mixed-Case: Yes`; connections are kept alive, except
+/// after a request for `/close`, answered with `Connection: close` and closed. It reads
+/// the wire itself, since a parsing server would hide header case and framing.
 pub async fn recorder(addr: SocketAddr) -> (Recorded, JoinHandle<()>) {
     let listener = TcpListener::bind(addr)
         .await
@@ -430,15 +431,20 @@ pub async fn recorder(addr: SocketAddr) -> (Recorded, JoinHandle<()>) {
                     buf: bytes::BytesMut::new(),
                 };
                 while let Some(request) = conn.request().await {
+                    let close = request.head.split(' ').nth(1) == Some("/close");
                     let answer = format!(
-                        "HTTP/1.1 200 OK\r\nX-Mixed-Case: Yes\r\nX-Echo-Framing: {}\r\nContent-Length: {}\r\n\r\n",
+                        "HTTP/1.1 200 OK\r\nX-Mixed-Case: Yes\r\nX-Echo-Framing: {}\r\nContent-Length: {}\r\n{}\r\n",
                         request.framing,
-                        request.body.len()
+                        request.body.len(),
+                        if close { "Connection: close\r\n" } else { "" }
                     );
                     let body = request.body.clone();
                     seen.lock().unwrap().push(request);
-                    if conn.tcp.write_all(answer.as_bytes()).await.is_err() || conn.tcp.write_all(&body).await.is_err()
+                    if conn.tcp.write_all(answer.as_bytes()).await.is_err()
+                        || conn.tcp.write_all(&body).await.is_err()
+                        || close
                     {
+                        let _ = conn.tcp.shutdown().await;
                         return;
                     }
                 }

@@ -172,8 +172,13 @@ spec:
     eprintln!("appProtocol: tcp port: greeting {:?} after connect", started.elapsed());
     // A client that speaks first, not HTTP: detected as opaque and carried whole.
     let mut raw = connect_from_client(&format!("{NET}.2:7001")).await;
-    raw.write_all(b"\x16\x03\x01 not http").await.unwrap();
-    assert_eq!(read_exactly(&mut raw, 12).await, "\u{16}\u{3}\u{1} not http");
+    // A TLS ClientHello record's first bytes: carried whole to a port not declared
+    // opaque (anything that is neither TLS nor HTTP would be refused there).
+    raw.write_all(b"\x16\x03\x01\x00\x05\x01 hello").await.unwrap();
+    assert_eq!(
+        read_exactly(&mut raw, 12).await,
+        "\u{16}\u{3}\u{1}\u{0}\u{5}\u{1} hello"
+    );
     raw.shutdown().await.unwrap();
     assert_eq!(read_exactly(&mut raw, 3).await, "bye");
 

@@ -44,6 +44,9 @@ use crate::metrics as m;
 use crate::state::Cache;
 use crate::tunnel;
 
+mod connect;
+use connect::TunnelConn;
+
 /// The most TLS handshakes in progress at once: 1024.
 pub const MAX_HANDSHAKES: usize = 1024;
 
@@ -455,6 +458,19 @@ impl Inbound {
         if let Some(refused) = self.refuse_port(port) {
             return refused;
         }
+        // HTTP/2 decodes larger blocks than the mesh carries (for the trailers, see
+        // `h::H2_MAX_REQUEST_HEADER_LIST_SIZE`); headers are held to the mesh's limit.
+        let size = h::header_list_size(req.headers());
+        if size > h::MAX_HEADER_LIST_SIZE as usize {
+            return error_response(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "headers-too-large",
+                format!(
+                    "the request's headers take {size} bytes; the mesh carries at most {}",
+                    h::MAX_HEADER_LIST_SIZE
+                ),
+            );
+        }
         let proto = req.headers().get(h::ORIG_PROTO).map(HeaderValue::as_bytes);
         let kind = match (req.method() == Method::CONNECT, proto) {
             (false, Some(b"h2")) => Kind::Http2,
@@ -533,7 +549,11 @@ impl Inbound {
         let path = normalized.as_deref().or(path);
         // A tunnel to a port not declared opaque is judged by what it carries: each
         // HTTP request on its own, or TLS as an opaque stream (see `carry_tunnel`).
-        let judged_later = kind == Kind::Tcp && !self.declared_opaque(port);
+        // Decided once: a tunnel to a port not declared opaque is judged by what it
+        // carries, each HTTP request on its own, or TLS as an opaque stream (see
+        // `tunnel.rs`); a declaration changing meanwhile changes nothing for it.
+        let opaque = kind == Kind::Tcp && self.declared_opaque(port);
+        let judged_later = kind == Kind::Tcp && !opaque;
         if !judged_later && let Some(denied) = self.authorize(client, method, path, port, req.headers()) {
             return denied;
         }
@@ -545,7 +565,8 @@ impl Inbound {
         metrics::counter!(m::REQUESTS, "direction" => "inbound", "service" => "local").increment(1);
         let app = std::net::SocketAddr::new(self.app_ip, port);
         match kind {
-            Kind::Tcp => self.tunnel_tcp(req, app, peer).await,
+            Kind::Tcp if opaque => self.tunnel_tcp(req, app).await,
+            Kind::Tcp => self.open_tunnel(req, app, peer),
             Kind::Upgrade => self.tunnel_upgrade(req, app, peer).await,
             Kind::Http1 | Kind::Http2 => self.forward(req, app, peer, kind == Kind::Http2).await,
         }
@@ -606,7 +627,7 @@ impl Inbound {
         let tunnel_conn = parts.extensions.remove::<TunnelConn>();
         let grpc = h::is_grpc(&parts.headers);
         h::strip_hop_by_hop(&mut parts.headers);
-        h::strip_mesh_headers(&mut parts.headers);
+        h::strip_wary_headers(&mut parts.headers);
         if let Some(id) = &peer.header {
             parts.headers.insert(h::CLIENT_ID, id.clone());
         }
@@ -614,7 +635,7 @@ impl Inbound {
             // The app sees the :authority the client used; the connection goes to the
             // app's port whatever it names.
             parts.version = Version::HTTP_2;
-            let body = h::strip_mesh_trailers(body);
+            let body = h::strip_mesh_trailers(body, None);
             return match self.http2.send(app, Request::from_parts(parts, body)).await {
                 Ok(response) => h::relay(response),
                 Err(AppH2Error::NotProcessed(e)) => {
@@ -671,16 +692,10 @@ impl Inbound {
                 .headers
                 .insert(http::header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         }
-        let req = Request::from_parts(parts, h::strip_mesh_trailers(body));
+        let declared = Some(h::declared_trailers(&parts.headers));
+        let req = Request::from_parts(parts, h::strip_mesh_trailers(body, declared));
         let answer = match tunnel_conn {
-            Some(TunnelConn(conn)) => {
-                let mut conn = conn.lock().await;
-                match conn.ready().await {
-                    Ok(()) => conn.send_request(req).await,
-                    Err(e) => Err(e),
-                }
-                .map_err(|e| crate::control::causes(&e))
-            }
+            Some(conn) => conn.send(req).await,
             None => self.http1.request(req).await.map_err(|e| crate::control::causes(&e)),
         };
         match answer {
@@ -693,15 +708,10 @@ impl Inbound {
         }
     }
 
-    /// An opaque stream: a TCP connection to the app, joined to the peer's `CONNECT`
-    /// as bytes when the port is declared opaque, else carried as
-    /// [`carry_tunnel`](Self::carry_tunnel) says.
-    async fn tunnel_tcp(
-        self: &Arc<Self>,
-        mut req: Request<Incoming>,
-        app: SocketAddr,
-        peer: &Arc<Peer>,
-    ) -> Response<Body> {
+    /// An opaque stream to a port declared opaque: a TCP connection to the app, joined
+    /// to the peer's `CONNECT` as bytes. Any other port's tunnel goes to
+    /// [`Inbound::open_tunnel`].
+    async fn tunnel_tcp(&self, mut req: Request<Incoming>, app: SocketAddr) -> Response<Body> {
         let Some(downstream) = req.extensions_mut().remove::<OnUpgrade>() else {
             return error_response(
                 StatusCode::BAD_REQUEST,
@@ -712,12 +722,7 @@ impl Inbound {
         match tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(app)).await {
             Ok(Ok(tcp)) => {
                 let _ = tcp.set_nodelay(true);
-                let (what, held) = (app.to_string(), self.drain.track());
-                if self.declared_opaque(app.port()) {
-                    tunnel::spawn_bridge(downstream, tcp, what, held);
-                } else {
-                    spawn_carry_tunnel(self.clone(), downstream, app, tcp, peer.clone(), held);
-                }
+                tunnel::spawn_bridge(downstream, tcp, app.to_string(), self.drain.track());
                 Response::new(h::empty())
             }
             Ok(Err(e)) => error_response(
@@ -731,102 +736,6 @@ impl Inbound {
                 format!("the app at {app} did not accept within {APP_CONNECT_TIMEOUT:?}"),
             ),
         }
-    }
-
-    /// A peer's opaque stream to an app port not declared opaque. The port's declared
-    /// protocol decides, not a guess from the first bytes:
-    ///
-    /// ```text
-    /// first byte 0x16 (a TLS ClientHello: the app's own TLS, e.g. through HTTPS_PROXY)
-    ///                         ─▶ carried as bytes (no header can be injected into TLS)
-    /// an HTTP/1 request head  ─▶ served request by request on this tunnel's own app
-    ///                            connection, each authorized and sanitized as a peer's
-    ///                            request is, `wary-client-id` set by this proxy
-    /// anything else           ─▶ 400 with `wary-error: not-http`, closed
-    /// ```
-    ///
-    /// Any token is a method (RFC 9110 §9.1: `PROPFIND`, `PURGE`, `QUERY`, lower case),
-    /// since hyper parses the requests; upgrades and `CONNECT` inside a tunnel are refused.
-    async fn carry_tunnel<D>(self: Arc<Self>, mut io: D, app: SocketAddr, tcp: TcpStream, peer: Arc<Peer>)
-    where
-        D: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
-    {
-        use tokio::io::AsyncReadExt;
-        let what = app.to_string();
-        let mut head = bytes::BytesMut::with_capacity(1024);
-        let read_head = async {
-            loop {
-                if head.first() == Some(&TLS_HANDSHAKE_RECORD) {
-                    return Ok(true);
-                }
-                match tunnel_head(&head) {
-                    Ok(true) => return Ok(false),
-                    Ok(false) => {}
-                    Err(why) => return Err(why),
-                }
-                match io.read_buf(&mut head).await {
-                    Ok(n) if n > 0 => {}
-                    _ => return Err(String::new()),
-                }
-            }
-        };
-        let verdict = tokio::time::timeout(TUNNEL_HEAD_TIMEOUT, read_head).await;
-        match verdict {
-            Ok(Ok(true)) => {
-                if self
-                    .authorize(peer.id.as_ref(), None, None, app.port(), &http::HeaderMap::new())
-                    .is_some()
-                {
-                    tracing::info!(what, "closed a TLS tunnel: denied");
-                    return;
-                }
-                tunnel::bridge(detect::Prefixed::new(head.freeze(), io), tcp, &what).await;
-                return;
-            }
-            Ok(Ok(false)) => {}
-            // The peer left.
-            Ok(Err(why)) if why.is_empty() => return,
-            Ok(Err(why)) => return refuse_in_tunnel(&mut io, &what, &why).await,
-            Err(_) => {
-                metrics::counter!(m::AUTHORIZATIONS, "decision" => "deny", "policy" => "not-http-in-tunnel")
-                    .increment(1);
-                tracing::info!(
-                    what,
-                    "closed a tunnel that sent no request head within {TUNNEL_HEAD_TIMEOUT:?}: if the app's server \
-                     speaks first, declare its port opaque (appProtocol: tcp)"
-                );
-                return;
-            }
-        }
-        let app_conn = match hyper::client::conn::http1::Builder::new()
-            .handshake::<_, Body>(TokioIo::new(tcp))
-            .await
-        {
-            Ok((sender, conn)) => {
-                tokio::spawn(async move {
-                    if let Err(e) = conn.await {
-                        tracing::debug!(error = %e, "a tunnel's app connection ended");
-                    }
-                });
-                TunnelConn(Arc::new(tokio::sync::Mutex::new(sender)))
-            }
-            Err(e) => {
-                tracing::debug!(what, error = %e, "a tunnel's app connection failed");
-                return;
-            }
-        };
-        let port = app.port();
-        let inbound = self.clone();
-        let service = service_fn(move |mut req: Request<Incoming>| {
-            req.extensions_mut().insert(app_conn.clone());
-            inbound.clone().serve_request(req, peer.clone(), Origin::Tunnel(port))
-        });
-        let io = detect::Prefixed::new(head.freeze(), io);
-        let _ = hyper::server::conn::http1::Builder::new()
-            .half_close(true)
-            .timer(TokioTimer::new())
-            .serve_connection(TokioIo::new(io), service)
-            .await;
     }
 
     /// An HTTP/1.1 `Upgrade`: the request rebuilt for the app; if the app switches
@@ -861,7 +770,7 @@ impl Inbound {
             return error_response(StatusCode::BAD_REQUEST, "bad-path", "request path is invalid".into());
         };
         h::strip_hop_by_hop(&mut headers);
-        h::strip_mesh_headers(&mut headers);
+        h::strip_wary_headers(&mut headers);
         if let Some(id) = &peer.header {
             headers.insert(h::CLIENT_ID, id.clone());
         }
@@ -1004,26 +913,6 @@ impl AppH2 {
     }
 }
 
-/// Runs [`Inbound::carry_tunnel`] once the peer's side of the tunnel is open. A plain
-/// function, not inside the async request path: the tunnel serves requests that go
-/// through that same path, and the compiler proves the task `Send` only from outside it.
-fn spawn_carry_tunnel(
-    inbound: Arc<Inbound>,
-    downstream: OnUpgrade,
-    app: SocketAddr,
-    tcp: TcpStream,
-    peer: Arc<Peer>,
-    held: crate::drain::Active,
-) {
-    tokio::spawn(async move {
-        let _held = held;
-        match downstream.await {
-            Ok(io) => inbound.carry_tunnel(TokioIo::new(io), app, tcp, peer).await,
-            Err(e) => tracing::debug!(%app, error = %e, "the peer left before its tunnel opened"),
-        }
-    });
-}
-
 /// Why [`AppH2::send`] got no answer.
 enum AppH2Error {
     /// The app did not process the request (RFC 9113 §8.7): safe to send again.
@@ -1039,11 +928,6 @@ enum AppH2Error {
 #[derive(Clone, Copy)]
 struct NotProcessed;
 
-/// A tunnel's own HTTP/1 connection to the app, on the requests read from the tunnel,
-/// so the app sees one connection per tunnel as the client opened it.
-#[derive(Clone)]
-struct TunnelConn(Arc<tokio::sync::Mutex<hyper::client::conn::http1::SendRequest<Body>>>);
-
 /// Where a request came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Origin {
@@ -1053,49 +937,6 @@ enum Origin {
     Plaintext(u16),
     /// HTTP/1 inside a peer's opaque stream to this app port, not declared opaque.
     Tunnel(u16),
-}
-
-/// How long a tunnel to a port not declared opaque may take to send its first request
-/// head: 30 s, hyper's limit for every later one.
-const TUNNEL_HEAD_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// The largest request head read from a tunnel before it must parse: 64 KiB, what the
-/// mesh carries between proxies ([`h::MAX_HEADER_LIST_SIZE`]).
-const MAX_TUNNEL_HEAD: usize = h::MAX_HEADER_LIST_SIZE as usize;
-
-/// Whether `bytes` hold a complete HTTP/1 request head (`Ok(false)`: not yet), or why
-/// they cannot be one.
-fn tunnel_head(bytes: &[u8]) -> Result<bool, String> {
-    let mut headers = [httparse::EMPTY_HEADER; 100];
-    match httparse::Request::new(&mut headers).parse(bytes) {
-        Ok(httparse::Status::Complete(_)) => Ok(true),
-        Ok(httparse::Status::Partial) if bytes.len() < MAX_TUNNEL_HEAD => Ok(false),
-        Ok(httparse::Status::Partial) => Err(format!("no request head within {MAX_TUNNEL_HEAD} bytes")),
-        Err(e) => Err(format!("not an HTTP/1 request ({e})")),
-    }
-}
-
-/// Answers a tunnel whose bytes are neither TLS nor HTTP/1 with a 400 naming why, and
-/// closes it: on a port not declared opaque, only those are carried.
-async fn refuse_in_tunnel<D: tokio::io::AsyncWrite + Unpin>(io: &mut D, what: &str, why: &str) {
-    metrics::counter!(m::AUTHORIZATIONS, "decision" => "deny", "policy" => "not-http-in-tunnel").increment(1);
-    tracing::info!(
-        what,
-        why,
-        "closed a tunnel to a port not declared opaque: neither TLS nor HTTP/1"
-    );
-    let body = format!(
-        "a tunnel to {what} carries TLS or HTTP/1 only ({why}): declare the port opaque (appProtocol: tcp) for \
-         other protocols\n"
-    );
-    let answer = format!(
-        "HTTP/1.1 400 Bad Request\r\n{}: not-http\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: \
-         {}\r\nconnection: close\r\n\r\n{body}",
-        h::ERROR,
-        body.len()
-    );
-    let _ = io.write_all(answer.as_bytes()).await;
-    let _ = io.shutdown().await;
 }
 
 /// What a peer's request carries.
