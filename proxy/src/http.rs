@@ -313,6 +313,14 @@ pub fn normalize_path(path: &str) -> Result<std::borrow::Cow<'_, str>, &'static 
     }
     let mut segments: Vec<&str> = Vec::new();
     for segment in decoded.split('/').skip(1) {
+        // `..;x` is `..` to Tomcat, Jetty and Spring, which drop path parameters before
+        // resolving dot segments: `/public/..;/admin` would pass a rule for `/public/*`
+        // and serve `/admin`.
+        let bare = segment.split(';').next().unwrap_or(segment);
+        let encoded_semicolon = segment.to_ascii_lowercase().contains("%3b");
+        if (segment.contains(';') || encoded_semicolon) && matches!(bare.split("%3").next(), Some("." | "..")) {
+            return Err("a dot segment with path parameters ('..;'), which some servers resolve as '..'");
+        }
         match segment {
             "" | "." => {}
             ".." => {
@@ -542,10 +550,22 @@ mod tests {
             ("/a/%20b", "/a/%20b"),
             ("/", "/"),
             ("/café//x", "/café/x"),
+            ("/shop;jsessionid=1/cart", "/shop;jsessionid=1/cart"),
         ] {
             assert_eq!(normalize_path(raw).unwrap(), want, "{raw}");
         }
-        for bad in ["/%2fsecret.txt", "/a%5Cb", "/../etc/passwd", "/%zz", "/a\\b"] {
+        for bad in [
+            "/%2fsecret.txt",
+            "/a%5Cb",
+            "/../etc/passwd",
+            "/%zz",
+            "/a\\b",
+            "/public/..;/admin",
+            "/public/..;jsessionid=1/admin",
+            "/public/.;/admin",
+            "/public/%2e%2e;/admin",
+            "/public/..%3B/admin",
+        ] {
             assert!(normalize_path(bad).is_err(), "{bad}");
         }
     }
