@@ -659,12 +659,7 @@ impl Inbound {
                         error_response(StatusCode::BAD_GATEWAY, "app-answer-unreadable", message)
                     }
                 }
-                Err(AppH2Error::Failed(e)) => h::proxy_error(
-                    grpc,
-                    StatusCode::BAD_GATEWAY,
-                    "app-unavailable",
-                    format!("the app at {app} did not answer: {e}"),
-                ),
+                Err(AppH2Error::Failed(e)) => app_unavailable(grpc, app, &e),
             };
         }
         // The app sees the authority the client used.
@@ -700,11 +695,7 @@ impl Inbound {
         };
         match answer {
             Ok(response) => h::relay(response),
-            Err(e) => error_response(
-                StatusCode::BAD_GATEWAY,
-                "app-unavailable",
-                format!("the app at {app} did not answer: {e}"),
-            ),
+            Err(e) => app_unavailable(grpc, app, &e),
         }
     }
 
@@ -725,11 +716,7 @@ impl Inbound {
                 tunnel::spawn_bridge(downstream, tcp, app.to_string(), self.drain.track());
                 Response::new(h::empty())
             }
-            Ok(Err(e)) => error_response(
-                StatusCode::BAD_GATEWAY,
-                "app-unavailable",
-                format!("the app at {app} did not answer: {e}"),
-            ),
+            Ok(Err(e)) => app_unavailable(false, app, &e),
             Err(_) => error_response(
                 StatusCode::GATEWAY_TIMEOUT,
                 "app-unavailable",
@@ -787,13 +774,7 @@ impl Inbound {
         *upgrade.headers_mut() = headers;
         let mut response = match self.http1.request(upgrade).await {
             Ok(response) => response,
-            Err(e) => {
-                return error_response(
-                    StatusCode::BAD_GATEWAY,
-                    "app-unavailable",
-                    format!("the app at {app} did not answer: {}", crate::control::causes(&e)),
-                );
-            }
+            Err(e) => return app_unavailable(false, app, &crate::control::causes(&e)),
         };
         let status = response.status();
         if status == StatusCode::SWITCHING_PROTOCOLS
@@ -911,6 +892,17 @@ impl AppH2 {
         });
         Ok(sender)
     }
+}
+
+/// The answer when the app did not answer: 502 `app-unavailable` (for a gRPC call,
+/// `grpc-status` UNAVAILABLE) saying why.
+fn app_unavailable(grpc: bool, app: SocketAddr, why: &dyn std::fmt::Display) -> Response<Body> {
+    h::proxy_error(
+        grpc,
+        StatusCode::BAD_GATEWAY,
+        "app-unavailable",
+        format!("the app at {app} did not answer: {why}"),
+    )
 }
 
 /// Why [`AppH2::send`] got no answer.
