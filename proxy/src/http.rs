@@ -126,7 +126,7 @@ const MESH_HEADERS: [HeaderName; 6] = [CLIENT_ID, DST_PORT, ORIG_PROTO, UPGRADE,
 /// when they are over [`MAX_TRAILER_LIST_SIZE`] — or, for an HTTP/1 app, when one is
 /// not among the `declared` names (the request's `Trailer` header): hyper's HTTP/1
 /// encoder would drop it without a word.
-pub fn strip_mesh_trailers<B>(body: B, declared: Option<Vec<HeaderName>>) -> Body
+pub fn body_for_app<B>(body: B, declared: Option<Vec<HeaderName>>) -> Body
 where
     B: hyper::body::Body<Data = Bytes> + Send + Sync + Unpin + 'static,
     B::Error: Into<BoxError>,
@@ -188,7 +188,8 @@ pub struct TrailerGuard<B> {
 /// Trailers an HTTP/1 hop cannot carry: not declared in the message's `Trailer` header.
 #[derive(Debug, thiserror::Error)]
 #[error(
-    "the trailer {name} is not declared in the message's Trailer header, and HTTP/1 carries only declared trailers"
+    "the trailer {name} is not declared in the message's Trailer header, and HTTP/1 carries only declared \
+     trailers: name it there (Trailer: {name})"
 )]
 pub struct UndeclaredTrailer {
     /// The first undeclared name.
@@ -208,7 +209,10 @@ pub fn declared_trailers(headers: &HeaderMap) -> Vec<HeaderName> {
 
 /// A trailer block over [`MAX_TRAILER_LIST_SIZE`].
 #[derive(Debug, thiserror::Error)]
-#[error("the trailers take at least {size} bytes; the mesh carries at most {MAX_TRAILER_LIST_SIZE}")]
+#[error(
+    "the trailers take at least {size} bytes; the mesh carries at most {MAX_TRAILER_LIST_SIZE}: send large details in \
+     the body"
+)]
 pub struct TrailersTooLarge {
     /// Their size as HTTP/2 counts it, or as much of it as was decoded.
     pub size: usize,
@@ -268,6 +272,23 @@ where
     fn size_hint(&self) -> hyper::body::SizeHint {
         self.inner.size_hint()
     }
+}
+
+/// The refusal of a request whose headers are over what the mesh carries between
+/// proxies ([`MAX_HEADER_LIST_SIZE`]): 431 `headers-too-large` naming the size, or
+/// `None` to go on.
+pub fn refuse_large_headers(headers: &HeaderMap) -> Option<Response<Body>> {
+    let size = header_list_size(headers);
+    (size > MAX_HEADER_LIST_SIZE as usize).then(|| {
+        error_response(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers-too-large",
+            format!(
+                "the request's headers take {size} bytes; the mesh carries at most {MAX_HEADER_LIST_SIZE} bytes: \
+                 move large values into the body"
+            ),
+        )
+    })
 }
 
 /// The size of a header block as HTTP/2 counts it against SETTINGS_MAX_HEADER_LIST_SIZE:

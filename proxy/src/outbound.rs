@@ -320,16 +320,8 @@ impl Outbound {
         }
         // Between proxies a header block may be at most 64 KiB; refuse a larger one
         // here, where it is one client's problem, rather than on the shared connection.
-        let size = h::header_list_size(req.headers());
-        if size > h::MAX_HEADER_LIST_SIZE as usize {
-            return error_response(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "headers-too-large",
-                format!(
-                    "the request's headers take {size} bytes; the mesh carries at most {} bytes",
-                    h::MAX_HEADER_LIST_SIZE
-                ),
-            );
+        if let Some(refused) = h::refuse_large_headers(req.headers()) {
+            return refused;
         }
         let Some(dst) = destination(&req).or_else(|| original.map(authority_of)) else {
             return error_response(

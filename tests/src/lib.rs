@@ -365,6 +365,41 @@ impl ControlPlane {
     }
 
     /// GETs an admin page.
+    /// A hand-made peer of `server`'s proxy: an HTTP/2 connection over mTLS to
+    /// `inbound` holding `workload`'s real certificate, sending whatever a compromised
+    /// or home-made proxy could (`server` is the SPIFFE ID the proxy must present).
+    pub async fn peer_h2(
+        &self,
+        workload: &str,
+        server: &str,
+        inbound: SocketAddr,
+    ) -> hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>> {
+        use wary_proxy::identity::{IdentityConfig, TokenSource, certify};
+        let creds = self.bootstrap_credentials();
+        let token = self.token(workload).await;
+        certify(
+            &IdentityConfig::new(self.control_plane(), TokenSource::Inline(token)),
+            &creds,
+            true,
+        )
+        .await
+        .expect("a certificate for the peer");
+        let tls = tokio_rustls::TlsConnector::from(wary_certs::tls::client_config(&creds, &[wary_certs::tls::ALPN_H2]));
+        let server = wary_certs::tls::server_name(&server.parse().expect("a SPIFFE ID")).expect("a server name");
+        let tcp = tokio::net::TcpStream::connect(inbound)
+            .await
+            .expect("connect to the inbound");
+        let tls = tls.connect(server, tcp).await.expect("mTLS to the inbound");
+        let (sender, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .expect("HTTP/2 to the inbound");
+        tokio::spawn(conn);
+        sender
+    }
+
     pub async fn admin_get(&self, path: &str) -> String {
         curl(&format!("http://{}{path}", self.admin)).await
     }
@@ -598,7 +633,17 @@ pub async fn curl_via(proxy: SocketAddr, url: &str, extra: &[&str]) -> (u16, Str
 
 /// Polls an async condition until it yields a value, within [`DEADLINE`]. For state that
 /// only a poll can see (another process's admin page).
-pub async fn wait_until<T, F, Fut>(what: &str, mut poll: F) -> T
+pub async fn wait_until<T, F, Fut>(what: &str, poll: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    wait_until_within(what, DEADLINE, poll).await
+}
+
+/// As [`wait_until`], for a condition the product promises within `deadline` (a grace
+/// longer than [`DEADLINE`]).
+pub async fn wait_until_within<T, F, Fut>(what: &str, deadline: Duration, mut poll: F) -> T
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Option<T>>,
@@ -612,9 +657,9 @@ where
             }
         }
     };
-    tokio::time::timeout(DEADLINE, wait)
+    tokio::time::timeout(deadline, wait)
         .await
-        .unwrap_or_else(|_| panic!("timed out after {DEADLINE:?} waiting for {what}"))
+        .unwrap_or_else(|_| panic!("timed out after {deadline:?} waiting for {what}"))
 }
 
 /// A real discovery client (the proxy's own) running in the test process.

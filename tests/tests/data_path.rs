@@ -723,33 +723,13 @@ spec:
 #[tokio::test]
 async fn an_identity_header_from_a_peer_is_replaced_by_the_verified_one() {
     use http_body_util::{BodyExt, Empty};
-    use wary_proxy::identity::{IdentityConfig, TokenSource, certify};
 
     let net = "127.0.29";
     let m = mesh(net).await;
     let app = Upstream::start(addr(&format!("{net}.2:{HTTP}")), "backend-1").await;
     // A peer holding web's real certificate claims to be admin in the mesh's own header.
-    let cp = &m._cp;
-    let creds = cp.bootstrap_credentials();
-    let token = cp.token("web-1").await;
-    certify(
-        &IdentityConfig::new(cp.control_plane(), TokenSource::Inline(token)),
-        &creds,
-        true,
-    )
-    .await
-    .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(wary_certs::tls::client_config(&creds, &[wary_certs::tls::ALPN_H2]));
-    let backend_id =
-        wary_certs::tls::server_name(&"spiffe://cluster.local/ns/default/sa/backend".parse().unwrap()).unwrap();
-    let tcp = TcpStream::connect(m.backend.inbound).await.unwrap();
-    let (mut sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls.connect(backend_id, tcp).await.unwrap()),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
+    let backend_id = "spiffe://cluster.local/ns/default/sa/backend";
+    let mut sender = m._cp.peer_h2("web-1", backend_id, m.backend.inbound).await;
     let req = http::Request::get(format!("http://backend.default:{HTTP}/hello"))
         .header("wary-dst-port", HTTP.to_string())
         .header("wary-client-id", "spiffe://cluster.local/ns/default/sa/admin")

@@ -341,39 +341,14 @@ async fn a_tunnel_to_a_port_not_declared_opaque_carries_only_authorized_http_or_
     );
 }
 
-/// A peer holding web's real certificate, talking HTTP/2 straight to the backend's
-/// inbound: what a compromised or home-made proxy could send.
-async fn peer_connection(m: &Mesh) -> hyper::client::conn::http2::SendRequest<Empty<bytes::Bytes>> {
-    use wary_proxy::identity::{IdentityConfig, TokenSource, certify};
-    let creds = m.cp.bootstrap_credentials();
-    let token = m.cp.token("web-1").await;
-    certify(
-        &IdentityConfig::new(m.cp.control_plane(), TokenSource::Inline(token)),
-        &creds,
-        true,
-    )
-    .await
-    .unwrap();
-    let tls = tokio_rustls::TlsConnector::from(wary_certs::tls::client_config(&creds, &[wary_certs::tls::ALPN_H2]));
-    let backend_id =
-        wary_certs::tls::server_name(&"spiffe://cluster.local/ns/default/sa/backend".parse().unwrap()).unwrap();
-    let tcp = TcpStream::connect(m.backend.inbound).await.unwrap();
-    let (sender, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tls.connect(backend_id, tcp).await.unwrap()),
-    )
-    .await
-    .unwrap();
-    tokio::spawn(conn);
-    sender
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_cannot_upgrade_to_h2c_and_a_websocket_is_authorized() {
     let net = "127.0.71";
     let m = mesh(net).await;
     let app = Upstream::start(addr(&format!("{net}.2:{H2}")), "backend-1").await;
-    let mut peer = peer_connection(&m).await;
+    // A peer holding web's real certificate, talking HTTP/2 straight to the backend's inbound.
+    let backend_id = "spiffe://cluster.local/ns/default/sa/backend";
+    let mut peer = m.cp.peer_h2("web-1", backend_id, m.backend.inbound).await;
     let upgrade = |protocol: &str, path: &str| {
         let mut req = http::Request::new(Empty::<bytes::Bytes>::new());
         *req.method_mut() = http::Method::CONNECT;

@@ -28,7 +28,7 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::{APP_CONNECT_TIMEOUT, Inbound, Origin, Peer};
+use super::{APP_CONNECT_TIMEOUT, Inbound, Origin, Peer, TLS_HANDSHAKE_RECORD};
 use crate::detect::Prefixed;
 use crate::http::{self as h, Body};
 use crate::metrics as m;
@@ -66,7 +66,7 @@ enum Opening {
 /// again: the parser runs on the first KiB, and then only once the head's blank line
 /// has arrived.
 fn opening(bytes: &[u8], scanned: &mut usize) -> Opening {
-    if bytes.first() == Some(&0x16) {
+    if bytes.first() == Some(&TLS_HANDSHAKE_RECORD) {
         // TLSPlaintext: type 22 (handshake), version 3.x, length, then the handshake
         // message type, 1 for a ClientHello (RFC 8446 §4, §5.1).
         let expected = |i: usize, ok: &dyn Fn(u8) -> bool| bytes.get(i).is_none_or(|b| ok(*b));

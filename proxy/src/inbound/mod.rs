@@ -460,16 +460,8 @@ impl Inbound {
         }
         // HTTP/2 decodes larger blocks than the mesh carries (for the trailers, see
         // `h::H2_MAX_REQUEST_HEADER_LIST_SIZE`); headers are held to the mesh's limit.
-        let size = h::header_list_size(req.headers());
-        if size > h::MAX_HEADER_LIST_SIZE as usize {
-            return error_response(
-                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
-                "headers-too-large",
-                format!(
-                    "the request's headers take {size} bytes; the mesh carries at most {}",
-                    h::MAX_HEADER_LIST_SIZE
-                ),
-            );
+        if let Some(refused) = h::refuse_large_headers(req.headers()) {
+            return refused;
         }
         let proto = req.headers().get(h::ORIG_PROTO).map(HeaderValue::as_bytes);
         let kind = match (req.method() == Method::CONNECT, proto) {
@@ -635,7 +627,7 @@ impl Inbound {
             // The app sees the :authority the client used; the connection goes to the
             // app's port whatever it names.
             parts.version = Version::HTTP_2;
-            let body = h::strip_mesh_trailers(body, None);
+            let body = h::body_for_app(body, None);
             return match self.http2.send(app, Request::from_parts(parts, body)).await {
                 Ok(response) => h::relay(response),
                 Err(AppH2Error::NotProcessed(e)) => {
@@ -688,7 +680,7 @@ impl Inbound {
                 .insert(http::header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         }
         let declared = Some(h::declared_trailers(&parts.headers));
-        let req = Request::from_parts(parts, h::strip_mesh_trailers(body, declared));
+        let req = Request::from_parts(parts, h::body_for_app(body, declared));
         let answer = match tunnel_conn {
             Some(conn) => conn.send(req).await,
             None => self.http1.request(req).await.map_err(|e| crate::control::causes(&e)),
