@@ -1,7 +1,9 @@
 //! Micro-benchmarks of the proxy's per-request work (criterion): endpoint choice (P2C
 //! over Peak-EWMA, with its RTT sample), header handling (hop-by-hop and mesh-header
 //! stripping, the header-size check, path normalization) and the authorization
-//! decision against a workload's inbound policy. `cargo bench -p wary-proxy`.
+//! decision against a workload's inbound policy; and the cost of keeping HTTP/1
+//! header-name case (the tap on each HTTP/1 connection, the restored case map).
+//! `cargo bench -p wary-proxy`.
 
 use std::hint::black_box;
 use std::net::SocketAddr;
@@ -114,5 +116,88 @@ fn policy_lookup(c: &mut Criterion) {
     });
 }
 
-criterion_group!(benches, endpoint_choice, header_handling, policy_lookup);
+/// 64 pipelined HTTP/1 requests, as a client sends them: `mixed` spells the names as
+/// curl does (`Host`, `User-Agent`, `Accept`), else all in lower case.
+fn requests(mixed: bool) -> Vec<u8> {
+    let headers = typical_headers();
+    let mut one = String::from("GET /api/v1/orders/42 HTTP/1.1\r\n");
+    for (name, value) in &headers {
+        let name = if mixed {
+            name.as_str()
+                .split('-')
+                .map(|w| w[..1].to_ascii_uppercase() + &w[1..])
+                .collect::<Vec<_>>()
+                .join("-")
+        } else {
+            name.as_str().to_string()
+        };
+        one.push_str(&format!("{name}: {}\r\n", value.to_str().unwrap()));
+    }
+    one.push_str("\r\n");
+    one.repeat(64).into_bytes()
+}
+
+/// One HTTP/1 connection served by hyper to its end: `requests` in, a 200 for each
+/// out, through the header-case tap (with each request's spellings taken, as the
+/// outbound does) when `tapped`.
+async fn serve(requests: &[u8], tapped: bool) {
+    use hyper::service::service_fn;
+    use hyper_util::rt::TokioIo;
+    use tokio::io::AsyncWriteExt;
+    use wary_proxy::header_case::{self, CaseTap, Role};
+
+    let (mut client, server) = tokio::io::duplex(1 << 20);
+    client.write_all(requests).await.unwrap();
+    client.shutdown().await.unwrap();
+    let answer = |req: http::Request<hyper::body::Incoming>| {
+        black_box(&req);
+        std::future::ready(Ok::<_, std::convert::Infallible>(http::Response::new(
+            http_body_util::Empty::<bytes::Bytes>::new(),
+        )))
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder.half_close(true);
+    if tapped {
+        let io = CaseTap::new(server, Role::Requests);
+        let case = io.log();
+        let service = service_fn(move |mut req| {
+            header_case::note_request(&case, &mut req);
+            answer(req)
+        });
+        builder.serve_connection(TokioIo::new(io), service).await.unwrap();
+    } else {
+        builder
+            .serve_connection(TokioIo::new(server), service_fn(answer))
+            .await
+            .unwrap();
+    }
+}
+
+/// HTTP/1 header-name case: the cost of reading it (the tap's head parse and the
+/// spellings) on top of hyper serving the same requests. The all-lower-case case
+/// must stay within 2 % of `http1_serve_64_lower_case_untapped`.
+fn header_case(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let lower = requests(false);
+    let mixed = requests(true);
+    c.bench_function("http1_serve_64_lower_case_untapped", |b| {
+        b.iter(|| rt.block_on(serve(&lower, false)));
+    });
+    c.bench_function("http1_serve_64_lower_case_tapped", |b| {
+        b.iter(|| rt.block_on(serve(&lower, true)));
+    });
+    c.bench_function("http1_serve_64_title_case_untapped", |b| {
+        b.iter(|| rt.block_on(serve(&mixed, false)));
+    });
+    c.bench_function("http1_serve_64_title_case_tapped", |b| {
+        b.iter(|| rt.block_on(serve(&mixed, true)));
+    });
+    let spellings = http::HeaderValue::from_static("Host,User-Agent,Accept,Accept-Encoding,Content-Type");
+    rt.block_on(wary_proxy::header_case::restore(&spellings));
+    c.bench_function("header_case_restore_cached", |b| {
+        b.iter(|| rt.block_on(wary_proxy::header_case::restore(black_box(&spellings))));
+    });
+}
+
+criterion_group!(benches, endpoint_choice, header_handling, policy_lookup, header_case);
 criterion_main!(benches);

@@ -119,7 +119,15 @@ pub fn strip_wary_headers(headers: &mut HeaderMap) {
 }
 
 /// The headers only proxies may set.
-const MESH_HEADERS: [HeaderName; 6] = [CLIENT_ID, DST_PORT, ORIG_PROTO, UPGRADE, METHOD, PATH];
+const MESH_HEADERS: [HeaderName; 7] = [
+    CLIENT_ID,
+    DST_PORT,
+    ORIG_PROTO,
+    UPGRADE,
+    METHOD,
+    PATH,
+    crate::header_case::HEADER_CASE,
+];
 
 /// A request body for the app whose trailers lose every `wary-` header (as
 /// [`strip_wary_headers`]), so a client cannot forge one there either, and which fails

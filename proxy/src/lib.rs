@@ -16,7 +16,8 @@
 //!   replayable bodies, and the per-service bulkhead.
 //! * [`authorize`]: AuthorizationPolicy evaluation (DENY wins; ALLOW must match).
 //! * [`inbound`]: mTLS from peers, the client's identity for the app, the app's own
-//!   protocol. [`http`] holds what both sides share.
+//!   protocol. [`http`] holds what both sides share; [`header_case`] keeps HTTP/1
+//!   header names' case across the mesh.
 //! * [`admin`], [`metrics`], [`access`]: what operators see (and access logs, trace
 //!   context); [`drain`]: graceful shutdown.
 //! * [`probes`]: kubelet probes moved to the admin port, made to the app.
@@ -32,6 +33,7 @@ pub mod control;
 pub mod detect;
 pub mod discovery;
 pub mod drain;
+pub mod header_case;
 pub mod http;
 pub mod identity;
 pub mod inbound;

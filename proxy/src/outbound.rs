@@ -39,6 +39,7 @@ use crate::routes::{Policy, PortTargets, Route, RouteTable, Target, Via};
 use crate::access::{self, AccessLog};
 use crate::detect::{self, Prefixed, Protocol};
 use crate::drain::Drain;
+use crate::header_case::{self, CaseTap, HEADER_CASE, Role, Spellings, TapConnector};
 use crate::http::{self as h, Body, error_response};
 use crate::metrics as m;
 use crate::pool::{ConnectError, PeerPool};
@@ -49,7 +50,7 @@ use crate::tunnel;
 pub struct Outbound {
     pool: Arc<PeerPool>,
     namespace: String,
-    passthrough: Client<HttpConnector, Body>,
+    passthrough: Client<TapConnector, Body>,
     balancers: Arc<Balancers>,
     routes: Arc<ArcSwap<RouteTable>>,
     opaque_ports: Vec<u16>,
@@ -121,7 +122,7 @@ impl Outbound {
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(PLAIN_IDLE_TIMEOUT)
                 .pool_max_idle_per_host(8)
-                .build(connector),
+                .build(TapConnector(connector)),
             via: HeaderValue::try_from(format!("1.1 wary-{:08x}", rand::random::<u32>()))
                 .expect("a token is a header value"),
             balancers,
@@ -202,7 +203,10 @@ impl Outbound {
     {
         let client = Arc::new(ClientConn::default());
         let closing = client.clone();
-        let service = service_fn(move |req| {
+        let io = CaseTap::new(io, Role::Requests);
+        let case = io.log();
+        let service = service_fn(move |mut req| {
+            header_case::note_request(&case, &mut req);
             let (outbound, client) = (self.clone(), client.clone());
             async move { Ok::<_, Infallible>(outbound.handle(req, original, &client).await) }
         });
@@ -538,6 +542,9 @@ impl Outbound {
         h::strip_hop_by_hop(&mut parts.headers);
         h::strip_mesh_headers(&mut parts.headers);
         parts.headers.insert(h::ORIG_PROTO, HeaderValue::from_static(proto));
+        if let Some(Spellings(case)) = parts.extensions.remove() {
+            parts.headers.insert(HEADER_CASE, case);
+        }
         let idempotent = retry::idempotent(&parts.method);
         let first = ReplayBody::new(body, retry.max_body_bytes);
         // A handle on what the first attempt keeps; each retry replays from it.
@@ -559,8 +566,12 @@ impl Outbound {
             let sent = self.send_once(head, body, dst, target, &route.policy, grpc, &mut pick);
             let outcome = sent.await;
             let (response, retryable, reached) = match outcome {
-                Ok(response) => {
+                Ok(mut response) => {
                     pick.first_byte();
+                    // The answer's header-name case: from the peer's proxy, or read here
+                    // from an endpoint outside the mesh.
+                    let case = header_case::take_response_case(&mut response)
+                        .or_else(|| response.headers_mut().remove(HEADER_CASE));
                     let status = response.status();
                     if status.is_server_error() {
                         pick.failure();
@@ -568,7 +579,13 @@ impl Outbound {
                         pick.success();
                     }
                     let retryable = retry.retryable_answer(status, response.headers());
-                    (hold_until_body_ends(h::relay(response), pick), retryable, true)
+                    let mut response = h::relay(response);
+                    if proto == "h1"
+                        && let Some(case) = case
+                    {
+                        header_case::attach(&mut response, case, true).await;
+                    }
+                    (hold_until_body_ends(response, pick), retryable, true)
                 }
                 Err((failure, response)) => {
                     // A refused stream says nothing about the endpoint's health.
@@ -653,6 +670,11 @@ impl Outbound {
                 Via::Plain => {
                     let mut parts = head.into_parts();
                     parts.headers.remove(h::ORIG_PROTO);
+                    if let Some(case) = parts.headers.remove(HEADER_CASE)
+                        && let Some(restored) = header_case::restore(&case).await
+                    {
+                        parts.extensions.extend(restored);
+                    }
                     if !parts.headers.contains_key(http::header::HOST)
                         && let Ok(host) = HeaderValue::from_str(dst.as_str())
                     {
@@ -872,7 +894,13 @@ impl Outbound {
         }
         parts.headers.append(http::header::VIA, self.via.clone());
         parts.uri = with_authority(&parts.uri, &target);
+        let client_h1 = parts.version != Version::HTTP_2;
         parts.version = Version::HTTP_11;
+        if let Some(Spellings(case)) = parts.extensions.remove()
+            && let Some(restored) = header_case::restore(&case).await
+        {
+            parts.extensions.extend(restored);
+        }
         let body = h::gate_body(expect_continue.then_some(self.expect_continue_wait), body);
         let mut pick = pick;
         let mut response = match self.passthrough.request(Request::from_parts(parts, body)).await {
@@ -891,6 +919,7 @@ impl Outbound {
         if let Some(pick) = pick.as_mut() {
             report(pick, response.status());
         }
+        let case = header_case::take_response_case(&mut response);
         if let Some((_, downstream)) = protocol
             && response.status() == StatusCode::SWITCHING_PROTOCOLS
             && let Some(upstream) = response.extensions_mut().remove::<OnUpgrade>()
@@ -901,12 +930,16 @@ impl Outbound {
             tunnel::spawn_joined(downstream, upstream, what, (pick, self.drain.track()));
             return Response::from_parts(parts, h::empty());
         }
+        let mut response = h::relay(response);
+        if client_h1 && let Some(case) = case {
+            header_case::attach(&mut response, case, true).await;
+        }
         match pick {
             Some(mut pick) => {
                 pick.first_byte();
-                hold_until_body_ends(h::relay(response), pick)
+                hold_until_body_ends(response, pick)
             }
-            None => h::relay(response),
+            None => response,
         }
     }
 }

@@ -761,3 +761,126 @@ async fn grpc_trailers_arrive_whole_or_the_call_fails_saying_why() {
     assert!(status.message().contains("1048576"), "{status:?}");
     let _ = (&m.mesh, &m.backend);
 }
+
+/// The header lines of a head, without the start line, as sent.
+fn header_lines(head: &str) -> Vec<&str> {
+    head.split("\r\n").skip(1).filter(|l| !l.is_empty()).collect()
+}
+
+/// Reads one response (head and `Content-Length` body) off `tcp`: its head.
+async fn read_response(tcp: &mut TcpStream) -> String {
+    let head = read_head(tcp).await;
+    let length = header_lines(&head)
+        .iter()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse::<usize>().ok())?
+        })
+        .expect("a content-length");
+    let mut body = vec![0u8; length];
+    tokio::time::timeout(DEADLINE, tcp.read_exact(&mut body))
+        .await
+        .expect("a body in time")
+        .expect("the body");
+    head
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn header_names_keep_their_case_both_ways_through_the_mesh_and_outside_it() {
+    let net = "127.0.75";
+    let m = mesh(net).await;
+    let (recorded, _raw) = upstream::recorder(addr(&format!("{net}.2:{RAW}"))).await;
+    // An HTTP/1 server outside the mesh, reached through the outbound's passthrough.
+    let (outside, _outside) = upstream::recorder(addr(&format!("{net}.3:{RAW}"))).await;
+
+    for (authority, seen) in [
+        (format!("backend.default:{RAW}"), &recorded),
+        (format!("{net}.3:{RAW}"), &outside),
+    ] {
+        seen.lock().unwrap().clear();
+        let mut tcp = TcpStream::connect(m.web.outbound).await.unwrap();
+        // Two requests pipelined: mixed case with a body, repeated names in three
+        // spellings; then all lower case, with a forged case list that must change
+        // nothing and reach no one.
+        let requests = format!(
+            "POST http://{authority}/mixed HTTP/1.1\r\nHost: {authority}\r\nX-Custom-Header: 1\r\n\
+             x-bread: a\r\nX-BREAD: b\r\nx-Bread: c\r\naccept: */*\r\nContent-Length: 5\r\n\r\nhello\
+             GET http://{authority}/lower HTTP/1.1\r\nhost: {authority}\r\nx-lower: 1\r\n\
+             wary-header-case: X-LOWER,HOST\r\n\r\n"
+        );
+        tcp.write_all(requests.as_bytes()).await.unwrap();
+        let answers = [read_response(&mut tcp).await, read_response(&mut tcp).await];
+        for answer in &answers {
+            assert!(answer.starts_with("HTTP/1.1 200"), "{authority}: {answer}");
+            let lines = header_lines(answer);
+            assert!(
+                lines.contains(&"X-Mixed-Case: Yes"),
+                "{authority}: the client got {answer:?}"
+            );
+            assert!(
+                lines.iter().any(|l| l.starts_with("X-Echo-Framing: ")),
+                "{authority}: {answer:?}"
+            );
+            assert!(
+                !answer.to_lowercase().contains("wary-header-case"),
+                "{authority}: {answer:?}"
+            );
+        }
+        let heads: Vec<String> = seen.lock().unwrap().iter().map(|r| r.head.clone()).collect();
+        assert_eq!(heads.len(), 2, "{authority}: {heads:?}");
+        let mixed = header_lines(&heads[0]);
+        for line in ["X-Custom-Header: 1", "accept: */*", "Content-Length: 5"] {
+            assert!(mixed.contains(&line), "{authority}: no {line:?} in {mixed:?}");
+        }
+        assert!(mixed.iter().any(|l| l.starts_with("Host: ")), "{authority}: {mixed:?}");
+        let breads: Vec<&str> = mixed
+            .iter()
+            .copied()
+            .filter(|l| l.to_lowercase().starts_with("x-bread:"))
+            .collect();
+        assert_eq!(breads, ["x-bread: a", "X-BREAD: b", "x-Bread: c"], "{authority}");
+        let lower = header_lines(&heads[1]);
+        assert!(lower.contains(&"x-lower: 1"), "{authority}: {lower:?}");
+        assert!(lower.iter().any(|l| l.starts_with("host: ")), "{authority}: {lower:?}");
+        assert!(
+            !heads[1].to_lowercase().contains("wary-header-case"),
+            "{authority}: {lower:?}"
+        );
+    }
+
+    // HTTP/1 inside a CONNECT tunnel through the mesh, to a port not declared opaque:
+    // the inbound reads each request, and keeps case too.
+    recorded.lock().unwrap().clear();
+    let mut tunnel = connect(m.web.outbound, &format!("backend.default:{RAW}")).await;
+    let (answer, _) = exchange_in(
+        &mut tunnel,
+        "GET /tunnel HTTP/1.1\r\nHost: backend\r\nX-Tunnel-Case: 1\r\nx-lower: 2\r\n\r\n",
+    )
+    .await;
+    assert!(header_lines(&answer).contains(&"X-Mixed-Case: Yes"), "{answer:?}");
+    assert!(!answer.to_lowercase().contains("wary-header-case"), "{answer:?}");
+    let head = recorded.lock().unwrap()[0].head.clone();
+    let lines = header_lines(&head);
+    assert!(
+        lines.contains(&"X-Tunnel-Case: 1") && lines.contains(&"x-lower: 2"),
+        "{lines:?}"
+    );
+
+    // An HTTP/2 client of an HTTP/1 server (outside the mesh: inside, the app speaks
+    // what the client spoke) gets lower case, as HTTP/2 has nothing else.
+    let tcp = TcpStream::connect(m.web.outbound).await.unwrap();
+    let (mut sender, conn) =
+        hyper::client::conn::http2::handshake(hyper_util::rt::TokioExecutor::new(), hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::get(format!("http://{net}.3:{RAW}/h2"))
+        .body(Empty::<bytes::Bytes>::new())
+        .unwrap();
+    let answer = sender.send_request(request).await.unwrap();
+    assert_eq!(answer.status(), 200);
+    assert_eq!(answer.headers().get("x-mixed-case").unwrap(), "Yes");
+    assert!(answer.headers().get("wary-header-case").is_none(), "{answer:?}");
+    let _ = (&m.mesh, &m.backend);
+}

@@ -30,6 +30,7 @@ use tokio::net::TcpStream;
 
 use super::{APP_CONNECT_TIMEOUT, Inbound, Origin, Peer, TLS_HANDSHAKE_RECORD};
 use crate::detect::Prefixed;
+use crate::header_case::{self, CaseLog, CaseSource, CaseTap, Role};
 use crate::http::{self as h, Body};
 use crate::metrics as m;
 use crate::tunnel;
@@ -103,8 +104,11 @@ fn opening(bytes: &[u8], scanned: &mut usize) -> Opening {
 #[derive(Clone)]
 pub(super) struct TunnelConn {
     app: SocketAddr,
-    sender: Arc<tokio::sync::Mutex<Option<hyper::client::conn::http1::SendRequest<Body>>>>,
+    sender: Arc<tokio::sync::Mutex<Option<AppConn>>>,
 }
+
+/// The tunnel's connection to the app, and what its tap reads of header-name case.
+type AppConn = (hyper::client::conn::http1::SendRequest<Body>, Arc<CaseLog>);
 
 impl TunnelConn {
     fn new(app: SocketAddr) -> Self {
@@ -117,20 +121,27 @@ impl TunnelConn {
     /// Sends `req` (in origin form) to the app on this tunnel's connection.
     pub(super) async fn send(&self, req: Request<Body>) -> Result<Response<Incoming>, String> {
         let mut slot = self.sender.lock().await;
-        let sender = match slot.as_mut() {
-            Some(sender) if !sender.is_closed() => sender,
-            _ => slot.insert(self.connect().await?),
+        let (sender, case) = match slot.as_mut() {
+            Some((sender, case)) if !sender.is_closed() => (sender, case),
+            _ => {
+                let (sender, case) = slot.insert(self.connect().await?);
+                (sender, case)
+            }
         };
         sender.ready().await.map_err(|e| crate::control::causes(&e))?;
-        sender.send_request(req).await.map_err(|e| crate::control::causes(&e))
+        let mut response = sender.send_request(req).await.map_err(|e| crate::control::causes(&e))?;
+        response.extensions_mut().insert(CaseSource::new(case.clone()));
+        Ok(response)
     }
 
-    async fn connect(&self) -> Result<hyper::client::conn::http1::SendRequest<Body>, String> {
+    async fn connect(&self) -> Result<AppConn, String> {
         let tcp = tokio::time::timeout(APP_CONNECT_TIMEOUT, TcpStream::connect(self.app))
             .await
             .map_err(|_| format!("no connection within {APP_CONNECT_TIMEOUT:?}"))?
             .map_err(|e| e.to_string())?;
         let _ = tcp.set_nodelay(true);
+        let tcp = CaseTap::new(tcp, Role::Responses);
+        let case = tcp.log();
         let (sender, conn) = hyper::client::conn::http1::Builder::new()
             .handshake::<_, Body>(TokioIo::new(tcp))
             .await
@@ -141,7 +152,7 @@ impl TunnelConn {
                 tracing::debug!(%app, error = %e, "a tunnel's app connection ended");
             }
         });
-        Ok(sender)
+        Ok((sender, case))
     }
 }
 
@@ -206,7 +217,10 @@ impl Inbound {
             Ok(Some(Opening::Http)) => {
                 let conn = TunnelConn::new(app);
                 let port = app.port();
+                let io = CaseTap::new(Prefixed::new(head.freeze(), io), Role::Requests);
+                let case = io.log();
                 let service = service_fn(move |mut req: Request<Incoming>| {
+                    header_case::note_request(&case, &mut req);
                     req.extensions_mut().insert(conn.clone());
                     self.clone().serve_request(req, peer.clone(), Origin::Tunnel(port))
                 });
@@ -214,7 +228,7 @@ impl Inbound {
                     .half_close(true)
                     .max_buf_size(MAX_TUNNEL_HEAD)
                     .timer(TokioTimer::new())
-                    .serve_connection(TokioIo::new(Prefixed::new(head.freeze(), io)), service)
+                    .serve_connection(TokioIo::new(io), service)
                     .await;
             }
             Ok(Some(Opening::Neither(why))) => refuse(&mut io, &what, &why).await,

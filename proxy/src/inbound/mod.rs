@@ -39,6 +39,7 @@ use wary_proto::discovery::{MtlsMode, Protocol};
 use crate::authorize;
 use crate::detect;
 use crate::drain::Drain;
+use crate::header_case::{self, CaseTap, HEADER_CASE, Role, Spellings, TapConnector};
 use crate::http::{self as h, Body, error_response};
 use crate::metrics as m;
 use crate::state::Cache;
@@ -116,7 +117,7 @@ pub struct Inbound {
     /// Ports opaque unless the workload declares their protocol (the proxy's
     /// `--opaque-ports`).
     opaque_ports: Vec<u16>,
-    http1: Client<HttpConnector, Body>,
+    http1: Client<TapConnector, Body>,
     http2: AppH2,
     drain: Arc<Drain>,
     /// Plaintext connections open at once (permissive mode), at most
@@ -151,7 +152,7 @@ impl Inbound {
             http1: Client::builder(TokioExecutor::new())
                 .pool_timer(TokioTimer::new())
                 .pool_idle_timeout(Duration::from_secs(90))
-                .build_http(),
+                .build(TapConnector(HttpConnector::new())),
             http2: AppH2::default(),
             drain,
             plaintext: Arc::new(tokio::sync::Semaphore::new(MAX_PLAINTEXT_CONNECTIONS)),
@@ -402,10 +403,12 @@ impl Inbound {
             tracing::info!(%peer, port, "closed a plaintext connection that is not HTTP on a port not declared opaque");
             return;
         }
-        let io = detect::Prefixed::new(prefix.freeze(), tcp);
+        let io = CaseTap::new(detect::Prefixed::new(prefix.freeze(), tcp), Role::Requests);
+        let case = io.log();
         let client = Arc::new(client);
         let inbound = self.clone();
-        let service = service_fn(move |req| {
+        let service = service_fn(move |mut req| {
+            header_case::note_request(&case, &mut req);
             inbound
                 .clone()
                 .serve_request(req, client.clone(), Origin::Plaintext(port))
@@ -618,6 +621,13 @@ impl Inbound {
         let (mut parts, body) = req.into_parts();
         let tunnel_conn = parts.extensions.remove::<TunnelConn>();
         let grpc = h::is_grpc(&parts.headers);
+        // The spellings of the client's header names: from its outbound proxy, or read
+        // here from a plaintext HTTP/1 client.
+        let client_h1 = parts.version != Version::HTTP_2;
+        let case = match parts.extensions.remove::<Spellings>() {
+            Some(Spellings(case)) => Some(case),
+            None => parts.headers.remove(HEADER_CASE),
+        };
         h::strip_hop_by_hop(&mut parts.headers);
         h::strip_wary_headers(&mut parts.headers);
         if let Some(id) = &peer.header {
@@ -679,6 +689,11 @@ impl Inbound {
                 .headers
                 .insert(http::header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         }
+        if let Some(case) = &case
+            && let Some(restored) = header_case::restore(case).await
+        {
+            parts.extensions.extend(restored);
+        }
         let declared = Some(h::declared_trailers(&parts.headers));
         let req = Request::from_parts(parts, h::body_for_app(body, declared));
         let answer = match tunnel_conn {
@@ -686,7 +701,18 @@ impl Inbound {
             None => self.http1.request(req).await.map_err(|e| crate::control::causes(&e)),
         };
         match answer {
-            Ok(response) => h::relay(response),
+            Ok(mut response) => {
+                let case = header_case::take_response_case(&mut response);
+                let mut response = h::relay(response);
+                // Restored if this proxy writes the answer as HTTP/1; else carried to the
+                // peer's proxy (a plaintext HTTP/2 client gets none).
+                if let Some(case) = case
+                    && (client_h1 || peer.id.is_some())
+                {
+                    header_case::attach(&mut response, case, client_h1).await;
+                }
+                response
+            }
             Err(e) => app_unavailable(grpc, app, &e),
         }
     }
@@ -768,6 +794,9 @@ impl Inbound {
             Ok(response) => response,
             Err(e) => return app_unavailable(false, app, &crate::control::causes(&e)),
         };
+        // Taken from the connection's tap in turn; a switched connection is not
+        // followed, and a declined upgrade's answer keeps lower case.
+        let _ = header_case::take_response_case(&mut response);
         let status = response.status();
         if status == StatusCode::SWITCHING_PROTOCOLS
             && let Some(upstream) = response.extensions_mut().remove::<OnUpgrade>()
