@@ -177,7 +177,10 @@ async fn serve(requests: &[u8], tapped: bool) {
 /// spellings) on top of hyper serving the same requests. The all-lower-case case
 /// must stay within 2 % of `http1_serve_64_lower_case_untapped`.
 fn header_case(c: &mut Criterion) {
-    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
     let lower = requests(false);
     let mixed = requests(true);
     c.bench_function("http1_serve_64_lower_case_untapped", |b| {

@@ -26,7 +26,7 @@ use std::collections::{HashMap, VecDeque};
 use std::io;
 use std::mem::MaybeUninit;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 
@@ -57,6 +57,16 @@ const MAX_QUEUED: usize = 64;
 /// The spellings that restored case are cached by their [`HEADER_CASE`] value, at most
 /// this many (then the cache starts over): 1,024.
 const MAX_CACHED: usize = 1024;
+
+/// Whether taps read heads: the proxy's `--header-case` (`preserve`, the default, or
+/// `lower`), set once at start.
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns case keeping on or off for connections tapped from now on; off, a
+/// [`CaseTap`] passes bytes without reading them and every name goes out in lower case.
+pub fn set_enabled(enabled: bool) {
+    ENABLED.store(enabled, Ordering::Relaxed);
+}
 
 /// Which messages a connection reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -145,9 +155,13 @@ pub struct CaseTap<T> {
 impl<T> CaseTap<T> {
     /// Taps `inner`, which reads messages of `role`.
     pub fn new(inner: T, role: Role) -> Self {
+        let mut follow = Follow::new(role);
+        if !ENABLED.load(Ordering::Relaxed) {
+            follow.state = State::Off;
+        }
         Self {
             inner,
-            follow: Follow::new(role),
+            follow,
             log: Arc::default(),
         }
     }
@@ -438,14 +452,11 @@ impl Follow {
                 return bytes;
             }
             // The usual case: the whole head in one read, parsed where it lies.
-            if ends_head(bytes, 0) {
-                return match self.parse(bytes, log) {
-                    Some(n) => &bytes[n..],
-                    None if self.on() => self.keep(bytes),
-                    None => &[],
-                };
-            }
-            return self.keep(bytes);
+            return match self.parse(bytes, log) {
+                Some(n) => &bytes[n..],
+                None if self.on() => self.keep(bytes),
+                None => &[],
+            };
         }
         let before = self.head.len();
         let scan_from = before.saturating_sub(3);
@@ -588,10 +599,17 @@ impl Follow {
     }
 }
 
-/// Whether `bytes` holds a blank line ending a head, searching from `from`.
+/// Whether `bytes` holds a blank line ending a head (`\n\n` or `\n\r\n`), searching
+/// from `from`: one pass, so a head split over many reads is not parsed over and over.
 fn ends_head(bytes: &[u8], from: usize) -> bool {
     let tail = &bytes[from..];
-    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+    tail.iter().enumerate().any(|(i, b)| {
+        *b == b'\n'
+            && matches!(
+                tail.get(i + 1..(i + 3).min(tail.len())),
+                Some([b'\n', ..] | [b'\r', b'\n'])
+            )
+    })
 }
 
 /// [`HEADER_CASE`]'s value for a head: every spelling of each name written other than

@@ -136,6 +136,16 @@ struct Args {
     /// has a thread of its own besides.
     #[arg(long, env = "WARY_WORKER_THREADS", value_parser = clap::value_parser!(u16).range(1..=1024))]
     worker_threads: Option<u16>,
+    /// HTTP/1 header names: `preserve` their case end to end (reading each HTTP/1 head
+    /// as it passes), or write them in `lower` case, as HTTP/2 carries them.
+    #[arg(long, env = "WARY_HEADER_CASE", value_enum, default_value = "preserve")]
+    header_case: HeaderCase,
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+enum HeaderCase {
+    Preserve,
+    Lower,
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -366,6 +376,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     ));
     let drain = Arc::new(Drain::default());
     let shutdown = Arc::new(tokio::sync::Notify::new());
+    wary_proxy::header_case::set_enabled(args.header_case == HeaderCase::Preserve);
     let outbound_config = OutboundConfig {
         namespace,
         opaque_ports: args.opaque_ports.0.clone(),
