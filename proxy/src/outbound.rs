@@ -720,7 +720,8 @@ impl Outbound {
     /// A tunnel over the mesh: one HTTP/2 `CONNECT` stream to the peer proxy, carrying
     /// an opaque stream or an upgraded HTTP/1.1 connection (see [`tunnel`]).
     async fn tunnel_mesh(&self, req: Request<Incoming>, mode: Mode, hop: &Hop<'_>, mut pick: Pick) -> Response<Body> {
-        let (parts, _) = req.into_parts();
+        let (mut parts, _) = req.into_parts();
+        let case = parts.extensions.remove::<Spellings>();
         let mut connect = connect_request(hop.dst);
         let headers = connect.headers_mut();
         let (downstream, asked) = match mode {
@@ -744,6 +745,9 @@ impl Outbound {
                     h::PATH,
                     HeaderValue::from_str(path).expect("a URI's path is a valid header value"),
                 );
+                if let Some(Spellings(case)) = case {
+                    headers.insert(HEADER_CASE, case);
+                }
                 (downstream, Some(protocol))
             }
             Mode::Http => unreachable!("plain requests are not tunnelled"),
@@ -770,9 +774,16 @@ impl Outbound {
         };
         let what = format!("{} via {}", hop.dst, hop.peer);
         let switched = response.headers().get(h::UPGRADE).cloned();
+        let case = response.headers_mut().remove(HEADER_CASE);
         let (mut parts, _) = response.into_parts();
         h::strip_hop_by_hop(&mut parts.headers);
         h::strip_mesh_headers(&mut parts.headers);
+        if asked.is_some()
+            && let Some(case) = case
+            && let Some(restored) = header_case::restore(&case).await
+        {
+            parts.extensions.extend(restored);
+        }
         match (asked, switched) {
             (None, _) => {
                 tunnel::spawn_joined(downstream, upstream, what, (pick, self.drain.track()));

@@ -867,6 +867,51 @@ async fn header_names_keep_their_case_both_ways_through_the_mesh_and_outside_it(
         "{lines:?}"
     );
 
+    // An upgrade through the mesh (here declined with a 200, the recorder's answer to
+    // everything): its request and answer keep their case too.
+    recorded.lock().unwrap().clear();
+    let mut tcp = TcpStream::connect(m.web.outbound).await.unwrap();
+    let upgrade = format!(
+        "GET http://backend.default:{RAW}/ws HTTP/1.1\r\nHost: backend.default:{RAW}\r\nUpgrade: websocket\r\n\
+         Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    );
+    tcp.write_all(upgrade.as_bytes()).await.unwrap();
+    let answer = read_head(&mut tcp).await;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer:?}");
+    assert!(header_lines(&answer).contains(&"X-Mixed-Case: Yes"), "{answer:?}");
+    let head = recorded.lock().unwrap()[0].head.clone();
+    let lines = header_lines(&head);
+    assert!(
+        lines.contains(&"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==") && lines.contains(&"Sec-WebSocket-Version: 13"),
+        "{lines:?}"
+    );
+
+    // A plaintext HTTP/1 client of the backend's inbound, once its port is permissive.
+    m.mesh.write(
+        "mesh.yaml",
+        &mesh_config(net).replace(
+            &format!("- {{name: raw, port: {RAW}}}"),
+            &format!("- {{name: raw, port: {RAW}, mtls: {{mode: permissive}}}}"),
+        ),
+    );
+    let plain = "GET /plain HTTP/1.1\r\nHost: backend\r\nX-Plain-Case: 1\r\nWary-Header-Case: HOST\r\n\r\n";
+    let answer = wait_until("plaintext is served", || async {
+        let mut tcp = TcpStream::connect(m.backend.inbound).await.ok()?;
+        tcp.write_all(plain.as_bytes()).await.ok()?;
+        let head = read_head(&mut tcp).await;
+        head.starts_with("HTTP/1.1 200").then_some(head)
+    })
+    .await;
+    assert!(header_lines(&answer).contains(&"X-Mixed-Case: Yes"), "{answer:?}");
+    assert!(!answer.to_lowercase().contains("wary-header-case"), "{answer:?}");
+    let head = recorded.lock().unwrap().last().unwrap().head.clone();
+    let lines = header_lines(&head);
+    assert!(
+        lines.contains(&"X-Plain-Case: 1") && lines.contains(&"Host: backend"),
+        "{lines:?}"
+    );
+    assert!(!head.to_lowercase().contains("wary-header-case"), "{lines:?}");
+
     // An HTTP/2 client of an HTTP/1 server (outside the mesh: inside, the app speaks
     // what the client spoke) gets lower case, as HTTP/2 has nothing else.
     let tcp = TcpStream::connect(m.web.outbound).await.unwrap();

@@ -774,6 +774,7 @@ impl Inbound {
         let Some(uri) = app_uri(app, &path) else {
             return error_response(StatusCode::BAD_REQUEST, "bad-path", "request path is invalid".into());
         };
+        let case = headers.remove(HEADER_CASE);
         h::strip_hop_by_hop(&mut headers);
         h::strip_wary_headers(&mut headers);
         if let Some(id) = &peer.header {
@@ -790,13 +791,16 @@ impl Inbound {
         *upgrade.method_mut() = method;
         *upgrade.uri_mut() = uri;
         *upgrade.headers_mut() = headers;
+        if let Some(case) = &case
+            && let Some(restored) = header_case::restore(case).await
+        {
+            upgrade.extensions_mut().extend(restored);
+        }
         let mut response = match self.http1.request(upgrade).await {
             Ok(response) => response,
             Err(e) => return app_unavailable(false, app, &crate::control::causes(&e)),
         };
-        // Taken from the connection's tap in turn; a switched connection is not
-        // followed, and a declined upgrade's answer keeps lower case.
-        let _ = header_case::take_response_case(&mut response);
+        let case = header_case::take_response_case(&mut response);
         let status = response.status();
         if status == StatusCode::SWITCHING_PROTOCOLS
             && let Some(upstream) = response.extensions_mut().remove::<OnUpgrade>()
@@ -807,6 +811,9 @@ impl Inbound {
             h::strip_mesh_headers(&mut parts.headers);
             // A 101 without its Upgrade header switched to what was asked.
             parts.headers.insert(h::UPGRADE, switched.unwrap_or(asked));
+            if let Some(case) = case {
+                parts.headers.insert(HEADER_CASE, case);
+            }
             parts.status = StatusCode::OK;
             tunnel::spawn_joined(downstream, upstream, app.to_string(), self.drain.track());
             return Response::from_parts(parts, h::empty());
@@ -819,6 +826,9 @@ impl Inbound {
         h::strip_hop_by_hop(&mut parts.headers);
         h::strip_mesh_headers(&mut parts.headers);
         parts.headers.remove(http::header::CONTENT_LENGTH);
+        if let Some(case) = case {
+            parts.headers.insert(HEADER_CASE, case);
+        }
         tokio::spawn(async move {
             let Ok(down) = downstream.await else { return };
             let mut down = TokioIo::new(down);
