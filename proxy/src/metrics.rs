@@ -104,6 +104,9 @@ pub const INBOUND_PLAINTEXT: &str = "wary_proxy_inbound_plaintext_connections_to
 /// refused the stream or sent a GOAWAY below it), answered with RST_STREAM
 /// (REFUSED_STREAM) so the peer may send them again.
 pub const INBOUND_REFUSED_STREAMS: &str = "wary_proxy_inbound_refused_streams_total";
+/// HTTP/1 connections whose header-name case stopped being kept part-way, by `reason`:
+/// `mismatch`, `unreadable`, `too_large`, `queue_full` (see [`crate::header_case`]).
+pub const HEADER_CASE_LOST: &str = "wary_proxy_header_case_lost_total";
 
 /// Registers the help text and unit of every metric (Prometheus `# HELP` lines).
 pub fn describe() {
@@ -194,6 +197,11 @@ pub fn describe() {
         INBOUND_REFUSED_STREAMS,
         Unit::Count,
         "Requests the app never processed, refused to the peer proxy so it may send them again."
+    );
+    describe_counter!(
+        HEADER_CASE_LOST,
+        Unit::Count,
+        "HTTP/1 connections whose header names went out in lower case from some point on, by reason."
     );
     describe_counter!(
         AUTHORIZATIONS,

@@ -569,9 +569,11 @@ impl Outbound {
                 Ok(mut response) => {
                     pick.first_byte();
                     // The answer's header-name case: from the peer's proxy, or read here
-                    // from an endpoint outside the mesh.
-                    let case = header_case::take_response_case(&mut response)
-                        .or_else(|| response.headers_mut().remove(HEADER_CASE));
+                    // from an endpoint without one (whose own header counts for nothing).
+                    let case = match target.via {
+                        Via::Mesh { .. } => response.headers_mut().remove(HEADER_CASE),
+                        Via::Plain => header_case::take_response_case(&mut response),
+                    };
                     let status = response.status();
                     if status.is_server_error() {
                         pick.failure();
@@ -583,7 +585,7 @@ impl Outbound {
                     if proto == "h1"
                         && let Some(case) = case
                     {
-                        header_case::attach(&mut response, case, true).await;
+                        header_case::restore_response(&mut response, &case).await;
                     }
                     (hold_until_body_ends(response, pick), retryable, true)
                 }
@@ -936,6 +938,9 @@ impl Outbound {
             && let Some(upstream) = response.extensions_mut().remove::<OnUpgrade>()
         {
             // The 101 keeps its Connection and Upgrade headers: they are this hop's too.
+            if let Some(case) = &case {
+                header_case::restore_response(&mut response, case).await;
+            }
             let (parts, _) = response.into_parts();
             let what = target.to_string();
             tunnel::spawn_joined(downstream, upstream, what, (pick, self.drain.track()));
@@ -943,7 +948,7 @@ impl Outbound {
         }
         let mut response = h::relay(response);
         if client_h1 && let Some(case) = case {
-            header_case::attach(&mut response, case, true).await;
+            header_case::restore_response(&mut response, &case).await;
         }
         match pick {
             Some(mut pick) => {

@@ -462,9 +462,14 @@ impl Inbound {
             return refused;
         }
         // HTTP/2 decodes larger blocks than the mesh carries (for the trailers, see
-        // `h::H2_MAX_REQUEST_HEADER_LIST_SIZE`); headers are held to the mesh's limit.
+        // `h::H2_MAX_REQUEST_HEADER_LIST_SIZE`); headers are held to the mesh's limit,
+        // counting only what the client sent (not the spellings its proxy added).
+        let case = req.headers_mut().remove(HEADER_CASE);
         if let Some(refused) = h::refuse_large_headers(req.headers()) {
             return refused;
+        }
+        if let Some(case) = case {
+            req.headers_mut().insert(HEADER_CASE, case);
         }
         let proto = req.headers().get(h::ORIG_PROTO).map(HeaderValue::as_bytes);
         let kind = match (req.method() == Method::CONNECT, proto) {
@@ -706,10 +711,12 @@ impl Inbound {
                 let mut response = h::relay(response);
                 // Restored if this proxy writes the answer as HTTP/1; else carried to the
                 // peer's proxy (a plaintext HTTP/2 client gets none).
-                if let Some(case) = case
-                    && (client_h1 || peer.id.is_some())
-                {
-                    header_case::attach(&mut response, case, client_h1).await;
+                if let Some(case) = case {
+                    if client_h1 {
+                        header_case::restore_response(&mut response, &case).await;
+                    } else if peer.id.is_some() {
+                        response.headers_mut().insert(HEADER_CASE, case);
+                    }
                 }
                 response
             }
@@ -819,7 +826,11 @@ impl Inbound {
             return Response::from_parts(parts, h::empty());
         }
         if status != StatusCode::OK {
-            return h::relay(response);
+            let mut response = h::relay(response);
+            if let Some(case) = case {
+                response.headers_mut().insert(HEADER_CASE, case);
+            }
+            return response;
         }
         // Declined with a 200: a 200 opens the peer's tunnel, so the body goes through it.
         let (mut parts, body) = response.into_parts();
