@@ -585,7 +585,7 @@ impl Outbound {
                     if proto == "h1"
                         && let Some(case) = case
                     {
-                        header_case::restore_response(&mut response, &case).await;
+                        header_case::restore_into(response.extensions_mut(), &case).await;
                     }
                     (hold_until_body_ends(response, pick), retryable, true)
                 }
@@ -672,10 +672,8 @@ impl Outbound {
                 Via::Plain => {
                     let mut parts = head.into_parts();
                     parts.headers.remove(h::ORIG_PROTO);
-                    if let Some(case) = parts.headers.remove(HEADER_CASE)
-                        && let Some(restored) = header_case::restore(&case).await
-                    {
-                        parts.extensions.extend(restored);
+                    if let Some(case) = parts.headers.remove(HEADER_CASE) {
+                        header_case::restore_into(&mut parts.extensions, &case).await;
                     }
                     if !parts.headers.contains_key(http::header::HOST)
                         && let Ok(host) = HeaderValue::from_str(dst.as_str())
@@ -782,9 +780,8 @@ impl Outbound {
         h::strip_mesh_headers(&mut parts.headers);
         if asked.is_some()
             && let Some(case) = case
-            && let Some(restored) = header_case::restore(&case).await
         {
-            parts.extensions.extend(restored);
+            header_case::restore_into(&mut parts.extensions, &case).await;
         }
         match (asked, switched) {
             (None, _) => {
@@ -909,10 +906,8 @@ impl Outbound {
         parts.uri = with_authority(&parts.uri, &target);
         let client_h1 = parts.version != Version::HTTP_2;
         parts.version = Version::HTTP_11;
-        if let Some(Spellings(case)) = parts.extensions.remove()
-            && let Some(restored) = header_case::restore(&case).await
-        {
-            parts.extensions.extend(restored);
+        if let Some(Spellings(case)) = parts.extensions.remove() {
+            header_case::restore_into(&mut parts.extensions, &case).await;
         }
         let body = h::gate_body(expect_continue.then_some(self.expect_continue_wait), body);
         let mut pick = pick;
@@ -939,7 +934,7 @@ impl Outbound {
         {
             // The 101 keeps its Connection and Upgrade headers: they are this hop's too.
             if let Some(case) = &case {
-                header_case::restore_response(&mut response, case).await;
+                header_case::restore_into(response.extensions_mut(), case).await;
             }
             let (parts, _) = response.into_parts();
             let what = target.to_string();
@@ -948,7 +943,7 @@ impl Outbound {
         }
         let mut response = h::relay(response);
         if client_h1 && let Some(case) = case {
-            header_case::restore_response(&mut response, &case).await;
+            header_case::restore_into(response.extensions_mut(), &case).await;
         }
         match pick {
             Some(mut pick) => {

@@ -266,10 +266,11 @@ pub fn take_response_case<B>(response: &mut http::Response<B>) -> Option<HeaderV
     source.0.take_response(response.status(), response.headers())
 }
 
-/// Gives `response`, which this proxy writes as HTTP/1, the spellings `case`.
-pub async fn restore_response<B>(response: &mut http::Response<B>, case: &HeaderValue) {
+/// Gives a message this proxy writes as HTTP/1 (its `extensions`) the spellings `case`;
+/// a malformed list restores nothing.
+pub async fn restore_into(extensions: &mut http::Extensions, case: &HeaderValue) {
     if let Some(restored) = restore(case).await {
-        response.extensions_mut().extend(restored);
+        extensions.extend(restored);
     }
 }
 

@@ -694,10 +694,8 @@ impl Inbound {
                 .headers
                 .insert(http::header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
         }
-        if let Some(case) = &case
-            && let Some(restored) = header_case::restore(case).await
-        {
-            parts.extensions.extend(restored);
+        if let Some(case) = &case {
+            header_case::restore_into(&mut parts.extensions, case).await;
         }
         let declared = Some(h::declared_trailers(&parts.headers));
         let req = Request::from_parts(parts, h::body_for_app(body, declared));
@@ -713,7 +711,7 @@ impl Inbound {
                 // peer's proxy (a plaintext HTTP/2 client gets none).
                 if let Some(case) = case {
                     if client_h1 {
-                        header_case::restore_response(&mut response, &case).await;
+                        header_case::restore_into(response.extensions_mut(), &case).await;
                     } else if peer.id.is_some() {
                         response.headers_mut().insert(HEADER_CASE, case);
                     }
@@ -798,10 +796,8 @@ impl Inbound {
         *upgrade.method_mut() = method;
         *upgrade.uri_mut() = uri;
         *upgrade.headers_mut() = headers;
-        if let Some(case) = &case
-            && let Some(restored) = header_case::restore(case).await
-        {
-            upgrade.extensions_mut().extend(restored);
+        if let Some(case) = &case {
+            header_case::restore_into(upgrade.extensions_mut(), case).await;
         }
         let mut response = match self.http1.request(upgrade).await {
             Ok(response) => response,
