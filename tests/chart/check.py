@@ -59,12 +59,13 @@ def main():
                 continue
             docs += [d for d in yaml.safe_load_all(text) if d]
         kinds = {d["kind"] for d in docs}
-        for needed in ("Deployment", "Service", "ServiceAccount", "ClusterRole", "MutatingWebhookConfiguration", "Secret"):
+        for needed in ("Deployment", "Service", "ServiceAccount", "ClusterRole", "MutatingWebhookConfiguration", "Secret",
+                       "CustomResourceDefinition"):
             if needed not in kinds:
                 problems.append(f"the chart rendered no {needed} (values {values})")
         count += validate(docs, f"rendered (values {values})", problems)
-    for crd in chart.crds:
-        count += validate([d for d in yaml.safe_load_all(crd["data"]) if d], crd["name"], problems)
+    if chart.crds:
+        problems.append("the chart has a crds/ folder: CRDs belong in templates/crds.yaml, so upgrades change them")
     for path in extra:
         with open(path) as f:
             count += validate(list(yaml.safe_load_all(f)), path, problems)

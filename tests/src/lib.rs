@@ -12,6 +12,7 @@
 //! Every wait is on a condition with a generous deadline ([`DEADLINE`]); nothing sleeps
 //! for a fixed time.
 
+pub mod cluster;
 pub mod kube_api;
 pub mod upstream;
 
@@ -54,7 +55,7 @@ fn ensure_built() {
     });
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")
