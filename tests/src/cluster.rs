@@ -60,6 +60,8 @@ pub fn pinned(module: &str) -> String {
 /// A running cluster (no kubelet: tests play it). Stopped, by PID, on drop.
 pub struct Cluster {
     child: Child,
+    /// The network namespace it runs in (see `node`); `None`: the host's.
+    netns: Option<String>,
     stdin: Option<ChildStdin>,
     dir: PathBuf,
     kubeconfig: PathBuf,
@@ -69,10 +71,16 @@ pub struct Cluster {
 impl Cluster {
     /// Starts a cluster whose state lives in `dir`; its API server listens on
     /// `address` (127.0.0.1 when `None`). Returns once `/readyz` answers.
-    pub fn start(dir: &Path, address: Option<IpAddr>) -> Cluster {
+    pub fn start(dir: &Path) -> Cluster {
+        Cluster::start_in(dir, None, None)
+    }
+
+    /// Starts a cluster in network namespace `netns` (the host's when `None`), its API
+    /// server on `address` (127.0.0.1 when `None`).
+    pub fn start_in(dir: &Path, netns: Option<&str>, address: Option<IpAddr>) -> Cluster {
         bin_dir();
         let started = Instant::now();
-        let mut cmd = Command::new(workspace_root().join("scripts/kube"));
+        let mut cmd = command(netns, &workspace_root().join("scripts/kube"));
         cmd.arg("up").arg(dir);
         if let Some(address) = address {
             cmd.arg(address.to_string());
@@ -92,6 +100,7 @@ impl Cluster {
         let helm_home = dir.join("helm");
         let cluster = Cluster {
             child,
+            netns: netns.map(str::to_string),
             stdin,
             dir: dir.to_path_buf(),
             kubeconfig,
@@ -113,6 +122,16 @@ impl Cluster {
         &self.kubeconfig
     }
 
+    /// The API server's port (from the kubeconfig).
+    pub fn api_port(&self) -> u16 {
+        let config = std::fs::read_to_string(&self.kubeconfig).expect("kubeconfig");
+        config
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("server: https://"))
+            .and_then(|hostport| hostport.rsplit(':').next()?.parse().ok())
+            .expect("a server URL in the kubeconfig")
+    }
+
     /// The last lines of every component's log, for a failing test's message.
     pub fn logs(&self) -> String {
         let mut out = String::new();
@@ -131,7 +150,7 @@ impl Cluster {
     /// Runs `kubectl ARGS` against this cluster, with `stdin` as its input.
     pub fn kubectl_with(&self, args: &[&str], stdin: &str) -> Output {
         run(
-            Command::new(bin_dir().join("kubectl"))
+            command(self.netns.as_deref(), &bin_dir().join("kubectl"))
                 .arg("--kubeconfig")
                 .arg(&self.kubeconfig)
                 .args(args),
@@ -172,7 +191,7 @@ impl Cluster {
     /// Runs the real `helm` CLI against this cluster (its caches in the cluster's
     /// directory): its output, or its error.
     pub fn helm(&self, args: &[&str]) -> Result<String, String> {
-        let mut cmd = Command::new(bin_dir().join("helm"));
+        let mut cmd = command(self.netns.as_deref(), &bin_dir().join("helm"));
         cmd.arg("--kubeconfig")
             .arg(&self.kubeconfig)
             .args(args)
@@ -198,6 +217,18 @@ impl Drop for Cluster {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// `program`, in network namespace `netns` when given.
+fn command(netns: Option<&str>, program: &Path) -> Command {
+    match netns {
+        Some(ns) => {
+            let mut cmd = Command::new("ip");
+            cmd.args(["netns", "exec", ns]).arg(program);
+            cmd
+        }
+        None => Command::new(program),
     }
 }
 

@@ -14,6 +14,7 @@
 
 pub mod cluster;
 pub mod kube_api;
+pub mod node;
 pub mod upstream;
 
 use std::net::SocketAddr;

@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde_json::Value;
 use wary_tests::cluster::{self, Cluster};
+use wary_tests::node::{Node, POD_DEADLINE, wait_for};
 
 const CRDS: [&str; 3] = [
     "trafficpolicies.policy.wary.io",
@@ -81,7 +82,7 @@ fn the_chart_installs_upgrades_from_0_1_0_uninstalls_and_installs_again() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let cluster = Cluster::start(dir.path(), None);
+    let cluster = Cluster::start(dir.path());
 
     // The API server reports the pinned release, which the chart's kubeVersion checks.
     let version: Value = serde_json::from_str(&cluster.kubectl(&["get", "--raw", "/version"])).expect("/version");
@@ -241,5 +242,172 @@ fn the_chart_installs_upgrades_from_0_1_0_uninstalls_and_installs_again() {
     assert_eq!(
         deployment["metadata"]["annotations"]["meta.helm.sh/release-name"],
         "wary"
+    );
+}
+
+/// Names of the containers in `list` (`spec.containers`, `spec.initContainers`).
+fn names(list: &Value) -> Vec<&str> {
+    list.as_array()
+        .into_iter()
+        .flatten()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect()
+}
+
+const APP_POD: &str = r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: NAME
+  namespace: NAMESPACE
+  labels: {app: shop}
+spec:
+  containers:
+  - name: app
+    image: registry.example/shop:1
+    ports: [{containerPort: 8080}]
+    readinessProbe:
+      httpGet: {path: /healthz, port: 8080}
+    livenessProbe:
+      tcpSocket: {port: 8080}
+"#;
+
+fn app_pod(namespace: &str, name: &str) -> String {
+    APP_POD.replace("NAMESPACE", namespace).replace("NAME", name)
+}
+
+/// The chart's control plane runs (two replicas, as a kubelet would run them, in pods
+/// of their own with the chart's arguments, mounts, user and service-account token);
+/// the real EndpointSlice controller publishes them; the API server calls their webhook
+/// over TLS with the chart's `caBundle` when a pod is created in an injected namespace,
+/// and stores what it returns. With the webhook down, `failurePolicy` decides.
+#[test]
+fn the_api_server_calls_the_chart_s_webhook_and_stores_injected_pods() {
+    if cluster::skip("the_api_server_calls_the_chart_s_webhook_and_stores_injected_pods") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut node = Node::new("hook");
+    let cluster = node.start_cluster(dir.path());
+    let chart = root().join("charts/wary");
+    let chart = chart.to_str().unwrap();
+    cluster
+        .helm(&["install", "wary", chart, "-n", "wary-system", "--create-namespace"])
+        .unwrap_or_else(|e| panic!("helm install: {e}\n{}", cluster.logs()));
+
+    // The ReplicaSet controller makes the Deployment's two pods; the node runs them.
+    let pods = wait_for("the control plane's two pods", POD_DEADLINE, || {
+        let list = cluster.get(&[
+            "pods",
+            "-n",
+            "wary-system",
+            "-l",
+            "app.kubernetes.io/component=control-plane",
+        ]);
+        let names: Vec<String> = list["items"]
+            .as_array()?
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        (names.len() == 2).then_some(names)
+    });
+    for pod in &pods {
+        node.run_pod(&cluster, "wary-system", pod, dir.path());
+    }
+    // One CA for both replicas: the first made the Secret, the other read it.
+    cluster.get(&["secret", "wary-ca", "-n", "wary-system"]);
+    wait_for("two ready endpoints of the webhook's Service", POD_DEADLINE, || {
+        let slices = cluster.get(&[
+            "endpointslices",
+            "-n",
+            "wary-system",
+            "-l",
+            "kubernetes.io/service-name=wary-control-plane",
+        ]);
+        let ready = slices["items"]
+            .as_array()?
+            .iter()
+            .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+            .filter(|e| e["conditions"]["ready"] == true)
+            .count();
+        (ready == 2).then_some(())
+    });
+
+    // An injected namespace: the stored pod has the init step, the native sidecar and
+    // its probes moved to the proxy.
+    cluster
+        .apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shop\n  labels: {wary.io/inject: enabled}\n")
+        .unwrap();
+    cluster
+        .apply("apiVersion: v1\nkind: Namespace\nmetadata:\n  name: plain\n")
+        .unwrap();
+    let created = cluster
+        .apply(&app_pod("shop", "web"))
+        .unwrap_or_else(|e| panic!("create a pod: {e}\n{}", cluster.logs()));
+    let stored = cluster.get(&["pod", "web", "-n", "shop"]);
+    let spec = &stored["spec"];
+    assert_eq!(
+        names(&spec["initContainers"]),
+        ["wary-init", "wary-proxy"],
+        "{created}\n{stored:#}"
+    );
+    assert_eq!(spec["initContainers"][1]["restartPolicy"], "Always", "{stored:#}");
+    assert_eq!(names(&spec["containers"]), ["app"]);
+    let app = &spec["containers"][0];
+    assert_eq!(
+        app["readinessProbe"]["httpGet"]["path"], "/app-health/app/readiness",
+        "{app:#}"
+    );
+    assert_eq!(app["readinessProbe"]["httpGet"]["port"], 4191, "{app:#}");
+    assert_eq!(
+        app["livenessProbe"]["httpGet"]["path"], "/app-health/app/liveness",
+        "{app:#}"
+    );
+    let proxy_image = spec["initContainers"][1]["image"].as_str().unwrap();
+    assert!(
+        proxy_image.starts_with("ghcr.io/wary-mesh/wary-proxy:"),
+        "{proxy_image}"
+    );
+
+    // A namespace without the label is left alone.
+    cluster.apply(&app_pod("plain", "web")).unwrap();
+    let plain = cluster.get(&["pod", "web", "-n", "plain"]);
+    assert_eq!(names(&plain["spec"]["initContainers"]), Vec::<&str>::new(), "{plain:#}");
+    assert_eq!(
+        plain["spec"]["containers"][0]["readinessProbe"]["httpGet"]["port"],
+        8080
+    );
+
+    // The webhook down: with the chart's default (Ignore) the pod is created as it is...
+    for pod in node.pods() {
+        pod.kill();
+    }
+    cluster
+        .apply(&app_pod("shop", "while-down"))
+        .unwrap_or_else(|e| panic!("failurePolicy Ignore refused a pod: {e}"));
+    let uninjected = cluster.get(&["pod", "while-down", "-n", "shop"]);
+    assert_eq!(
+        names(&uninjected["spec"]["initContainers"]),
+        Vec::<&str>::new(),
+        "{uninjected:#}"
+    );
+    // ...and with Fail it is refused, saying why.
+    cluster
+        .helm(&[
+            "upgrade",
+            "wary",
+            chart,
+            "-n",
+            "wary-system",
+            "--reuse-values",
+            "--set",
+            "webhook.failurePolicy=Fail",
+        ])
+        .expect("helm upgrade");
+    let refused = cluster
+        .apply(&app_pod("shop", "refused"))
+        .expect_err("failurePolicy Fail let a pod through");
+    assert!(
+        refused.contains("failed calling webhook \"namespace.inject.wary.io\""),
+        "{refused}"
     );
 }

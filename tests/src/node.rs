@@ -1,0 +1,603 @@
+//! A Kubernetes node played by the test: the CNI, the scheduler's binding and the
+//! kubelet, around a real cluster ([`Cluster`]) that runs inside the node.
+//!
+//! ```text
+//! node netns: lo (etcd, controller manager), bridge 10.244.0.1 (the API server)
+//!   ├─ veth ─ pod netns 10.244.0.10: the pod's containers, as processes
+//!   └─ veth ─ pod netns 10.244.0.11: ...
+//! ```
+//!
+//! The test process stays in the host's namespaces and reaches the cluster through
+//! `ip netns exec` (kubectl, helm); the host's network is never touched.
+//!
+//! Running a pod ([`Node::run_pod`]) does what a kubelet does with its spec: binds it
+//! to the node, gives it a network namespace and an address, writes its volumes
+//! (Secrets, ConfigMaps, emptyDirs, and projected service-account tokens from the real
+//! TokenRequest API, bound to the pod), starts each container's process (the image
+//! names a workspace binary) with its arguments, environment (values and field
+//! references), mounts and user, waits for its readiness probes, and reports the pod
+//! Running and Ready with its address. ClusterIPs are DNAT rules in each pod's
+//! namespace, written by the test (`kube-proxy`'s job); the `kubernetes` Service
+//! (10.96.0.1:443) leads to the API server.
+//!
+//! Mount points are made in a mount namespace of the container's own (`ip netns exec`
+//! makes one), so they never show on the host; the empty directories they need
+//! (e.g. `/etc/wary/webhook`) are created on the host if missing.
+
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+
+use crate::cluster::Cluster;
+
+/// The node's address on its bridge, where the API server listens.
+pub const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 244, 0, 1);
+/// The `kubernetes` Service's ClusterIP (the first of 10.96.0.0/16).
+pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
+/// How long a pod, a probe or a condition may take on a busy two-core machine.
+pub const POD_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs `cmd`; its stdout on success, else a panic with its output.
+pub fn sh(cmd: &[&str]) -> String {
+    let out = Command::new(cmd[0])
+        .args(&cmd[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{cmd:?}: {e} (these tests need root and iproute2)"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Polls `poll` every 100 ms until it returns `Some`, for at most `deadline`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut poll: impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = poll() {
+            return v;
+        }
+        assert!(Instant::now() < end, "timed out after {deadline:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A node: its network namespace with a bridge, and the pods it runs.
+pub struct Node {
+    pub netns: String,
+    pods: Vec<RunningPod>,
+    namespaces: Vec<String>,
+    next_ip: u8,
+}
+
+/// A pod the node runs: its network namespace and its containers' processes.
+pub struct RunningPod {
+    pub namespace: String,
+    pub name: String,
+    pub ip: Ipv4Addr,
+    pub netns: String,
+    processes: Vec<(String, Child)>,
+    /// Where its volumes live (removed with the test's directory).
+    pub root: PathBuf,
+}
+
+impl RunningPod {
+    /// Stops the pod's processes (SIGKILL), as a crashed or deleted pod.
+    pub fn kill(&mut self) {
+        for (_, child) in &mut self.processes {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Whether container `name` is still running.
+    pub fn running(&mut self, name: &str) -> bool {
+        self.processes
+            .iter_mut()
+            .find(|(n, _)| n == name)
+            .is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for RunningPod {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+impl Node {
+    /// A node netns named `wary-node-<pid>-<tag>` with `lo` up and a bridge at
+    /// [`NODE_IP`]/24.
+    pub fn new(tag: &str) -> Node {
+        let netns = format!("wary-node-{}-{tag}", std::process::id());
+        let node = Node {
+            netns: netns.clone(),
+            pods: Vec::new(),
+            namespaces: vec![netns.clone()],
+            next_ip: 10,
+        };
+        sh(&["ip", "netns", "add", &netns]);
+        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        sh(&["ip", "-n", &netns, "link", "add", "br0", "type", "bridge"]);
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "addr",
+            "add",
+            &format!("{NODE_IP}/24"),
+            "dev",
+            "br0",
+        ]);
+        sh(&["ip", "-n", &netns, "link", "set", "br0", "up"]);
+        node
+    }
+
+    /// Starts a cluster inside this node, its API server on [`NODE_IP`], and creates
+    /// the Node object (named after the netns) the pods are bound to.
+    pub fn start_cluster(&self, dir: &Path) -> Cluster {
+        let cluster = Cluster::start_in(dir, Some(&self.netns), Some(NODE_IP.into()));
+        cluster
+            .apply(&format!(
+                "apiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels:\n    kubernetes.io/hostname: {0}\n",
+                self.node_name()
+            ))
+            .unwrap_or_else(|e| panic!("create the Node: {e}\n{}", cluster.logs()));
+        cluster
+    }
+
+    pub fn node_name(&self) -> &str {
+        &self.netns
+    }
+
+    /// The pod `namespace/name` as the kubelet would run it (see the module docs);
+    /// returns once it is Running, its readiness probes pass and its status says so.
+    pub fn run_pod(&mut self, cluster: &Cluster, namespace: &str, name: &str, root: &Path) -> &mut RunningPod {
+        let ip = Ipv4Addr::new(10, 244, 0, self.next_ip);
+        self.next_ip += 1;
+        let netns = format!("{}-p{}", self.netns, ip.octets()[3]);
+        self.namespaces.push(netns.clone());
+        sh(&["ip", "netns", "add", &netns]);
+        sh(&["ip", "-n", &netns, "link", "set", "lo", "up"]);
+        let veth = format!("veth{}", ip.octets()[3]);
+        sh(&[
+            "ip",
+            "-n",
+            &self.netns,
+            "link",
+            "add",
+            &veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &netns,
+        ]);
+        sh(&["ip", "-n", &self.netns, "link", "set", &veth, "master", "br0", "up"]);
+        sh(&["ip", "-n", &netns, "addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
+        sh(&["ip", "-n", &netns, "link", "set", "eth0", "up"]);
+        sh(&[
+            "ip",
+            "-n",
+            &netns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &NODE_IP.to_string(),
+        ]);
+        // kube-proxy's part: the `kubernetes` Service to the API server.
+        let api = cluster.api_port();
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &netns,
+            "iptables",
+            "-w",
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-d",
+            &format!("{KUBERNETES_SERVICE_IP}/32"),
+            "-p",
+            "tcp",
+            "--dport",
+            "443",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            &format!("{NODE_IP}:{api}"),
+        ]);
+
+        // The scheduler's part.
+        let binding = json!({"apiVersion": "v1", "kind": "Binding",
+                             "metadata": {"name": name, "namespace": namespace},
+                             "target": {"apiVersion": "v1", "kind": "Node", "name": self.node_name()}});
+        let bound = cluster.kubectl_with(&["create", "-f", "-"], &binding.to_string());
+        assert!(
+            bound.status.success(),
+            "bind {namespace}/{name}: {}",
+            String::from_utf8_lossy(&bound.stderr)
+        );
+
+        let pod = cluster.get(&["pod", name, "-n", namespace]);
+        let root = root.join(format!("{namespace}-{name}"));
+        std::fs::create_dir_all(&root).expect("pod dir");
+        let volumes = write_volumes(cluster, &pod, &root);
+        let mut running = RunningPod {
+            namespace: namespace.into(),
+            name: name.into(),
+            ip,
+            netns: netns.clone(),
+            processes: Vec::new(),
+            root,
+        };
+        let spec = &pod["spec"];
+        let mut statuses = BTreeMap::new();
+        // Init containers in order: each runs to completion, except native sidecars
+        // (restartPolicy: Always), which start and stay.
+        for c in spec["initContainers"].as_array().into_iter().flatten() {
+            let mut child = start_container(&pod, c, &volumes, &netns, ip);
+            if c["restartPolicy"] == "Always" {
+                running.processes.push((c["name"].as_str().unwrap().into(), child));
+                wait_ready(&self.netns, c, ip);
+            } else {
+                let status = child.wait().expect("wait for an init container");
+                assert!(
+                    status.success(),
+                    "init container {} of {namespace}/{name} failed: {status}",
+                    c["name"]
+                );
+            }
+        }
+        for c in spec["containers"].as_array().expect("containers") {
+            let child = start_container(&pod, c, &volumes, &netns, ip);
+            running.processes.push((c["name"].as_str().unwrap().into(), child));
+        }
+        for c in spec["containers"].as_array().expect("containers") {
+            wait_ready(&self.netns, c, ip);
+            statuses.insert(c["name"].as_str().unwrap().to_string(), c["image"].clone());
+        }
+        let now = "2026-01-01T00:00:00Z";
+        let condition = |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": now});
+        let container_status = |c: &Value| {
+            json!({"name": c["name"], "image": c["image"], "imageID": "", "ready": true, "started": true,
+                   "restartCount": 0, "state": {"running": {"startedAt": now}}})
+        };
+        let conditions = ["PodScheduled", "Initialized", "ContainersReady", "Ready"].map(condition);
+        let status = json!({"status": {
+            "phase": "Running",
+            "hostIP": NODE_IP.to_string(), "hostIPs": [{"ip": NODE_IP.to_string()}],
+            "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
+            "startTime": now,
+            "conditions": conditions,
+            "containerStatuses": spec["containers"].as_array().unwrap().iter().map(container_status).collect::<Vec<_>>(),
+            "initContainerStatuses": spec["initContainers"].as_array().into_iter().flatten().map(container_status).collect::<Vec<_>>(),
+        }});
+        cluster.kubectl(&[
+            "patch",
+            "pod",
+            name,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ]);
+        self.pods.push(running);
+        self.pods.last_mut().unwrap()
+    }
+
+    /// The pods this node runs.
+    pub fn pods(&mut self) -> &mut [RunningPod] {
+        &mut self.pods
+    }
+
+    /// Runs `cmd` in this node's network namespace (e.g. `curl` to a pod).
+    pub fn exec(&self, cmd: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .args(cmd)
+            .output()
+            .expect("ip netns exec")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.pods.clear();
+        for ns in self.namespaces.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+        }
+    }
+}
+
+/// A container's image as the workspace binary it names (`.../wary-proxy:<tag>` is
+/// `wary-proxy`), the tests' stand-in for pulling it.
+fn image_binary(image: &str) -> PathBuf {
+    let name = image.rsplit('/').next().unwrap_or(image);
+    let name = name.split(['@', ':']).next().unwrap_or(name);
+    crate::binary(name)
+}
+
+/// Writes each volume of `pod` under `root/volumes/<name>`: name → directory.
+fn write_volumes(cluster: &Cluster, pod: &Value, root: &Path) -> BTreeMap<String, PathBuf> {
+    let namespace = pod["metadata"]["namespace"].as_str().unwrap();
+    let mut out = BTreeMap::new();
+    for v in pod["spec"]["volumes"].as_array().into_iter().flatten() {
+        let name = v["name"].as_str().unwrap();
+        let dir = root.join("volumes").join(name);
+        std::fs::create_dir_all(&dir).expect("volume dir");
+        let mut files: Vec<(String, Vec<u8>)> = Vec::new();
+        if let Some(secret) = v["secret"]["secretName"].as_str() {
+            let s = cluster.get(&["secret", secret, "-n", namespace]);
+            for (k, b64) in s["data"].as_object().into_iter().flatten() {
+                files.push((k.clone(), decode(b64.as_str().unwrap())));
+            }
+        }
+        if let Some(cm) = v["configMap"]["name"].as_str() {
+            files.extend(config_map(cluster, namespace, cm, &v["configMap"]["items"]));
+        }
+        for source in v["projected"]["sources"].as_array().into_iter().flatten() {
+            if let Some(token) = source.get("serviceAccountToken") {
+                files.push((
+                    token["path"].as_str().unwrap().into(),
+                    service_account_token(cluster, pod, token).into(),
+                ));
+            }
+            if let Some(cm) = source.get("configMap") {
+                files.extend(config_map(
+                    cluster,
+                    namespace,
+                    cm["name"].as_str().unwrap(),
+                    &cm["items"],
+                ));
+            }
+            for item in source["downwardAPI"]["items"].as_array().into_iter().flatten() {
+                let value = field(pod, item["fieldRef"]["fieldPath"].as_str().unwrap(), None);
+                files.push((item["path"].as_str().unwrap().into(), value.into()));
+            }
+        }
+        for (path, bytes) in files {
+            let file = dir.join(path);
+            std::fs::create_dir_all(file.parent().unwrap()).expect("volume subdir");
+            std::fs::write(&file, bytes).expect("write a volume file");
+        }
+        // Readable by any container user (Secrets' defaultMode 0644); emptyDirs writable.
+        sh(&["chmod", "-R", "a+rX", dir.to_str().unwrap()]);
+        if v.get("emptyDir").is_some() {
+            sh(&["chmod", "1777", dir.to_str().unwrap()]);
+        }
+        out.insert(name.to_string(), dir);
+    }
+    out
+}
+
+fn decode(b64: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(b64).expect("base64")
+}
+
+fn config_map(cluster: &Cluster, namespace: &str, name: &str, items: &Value) -> Vec<(String, Vec<u8>)> {
+    let cm = wait_for(&format!("ConfigMap {namespace}/{name}"), POD_DEADLINE, || {
+        let out = cluster.kubectl_with(&["get", "configmap", name, "-n", namespace, "-o", "json"], "");
+        out.status
+            .success()
+            .then(|| serde_json::from_slice::<Value>(&out.stdout).expect("json"))
+    });
+    let data = cm["data"].as_object().cloned().unwrap_or_default();
+    match items.as_array() {
+        Some(items) => items
+            .iter()
+            .map(|i| {
+                (
+                    i["path"].as_str().unwrap().into(),
+                    data[i["key"].as_str().unwrap()].as_str().unwrap().into(),
+                )
+            })
+            .collect(),
+        None => data
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().into()))
+            .collect(),
+    }
+}
+
+/// A token for the pod's service account from the TokenRequest API, bound to the pod.
+fn service_account_token(cluster: &Cluster, pod: &Value, source: &Value) -> String {
+    let meta = &pod["metadata"];
+    let sa = pod["spec"]["serviceAccountName"].as_str().unwrap_or("default");
+    let mut args = vec![
+        "create".to_string(),
+        "token".into(),
+        sa.into(),
+        "-n".into(),
+        meta["namespace"].as_str().unwrap().into(),
+        "--bound-object-kind=Pod".into(),
+        format!("--bound-object-name={}", meta["name"].as_str().unwrap()),
+        format!("--bound-object-uid={}", meta["uid"].as_str().unwrap()),
+        format!("--duration={}s", source["expirationSeconds"].as_u64().unwrap_or(3600)),
+    ];
+    if let Some(audience) = source["audience"].as_str() {
+        args.push(format!("--audience={audience}"));
+    }
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    cluster.kubectl(&args).trim().to_string()
+}
+
+/// The value of a downward-API field reference.
+fn field(pod: &Value, path: &str, ip: Option<Ipv4Addr>) -> String {
+    match path {
+        "metadata.name" => pod["metadata"]["name"].as_str().unwrap().into(),
+        "metadata.namespace" => pod["metadata"]["namespace"].as_str().unwrap().into(),
+        "metadata.uid" => pod["metadata"]["uid"].as_str().unwrap().into(),
+        "spec.serviceAccountName" => pod["spec"]["serviceAccountName"].as_str().unwrap_or("default").into(),
+        "spec.nodeName" => pod["spec"]["nodeName"].as_str().unwrap_or_default().into(),
+        "status.podIP" | "status.podIPs" => ip.expect("the pod's IP").to_string(),
+        "status.hostIP" | "status.hostIPs" => NODE_IP.to_string(),
+        other => panic!("the test kubelet does not know field {other}"),
+    }
+}
+
+/// Starts container `c` of `pod` in `netns`: its mounts in a mount namespace of its
+/// own, as its `runAsUser` (container's, else the pod's), its image's binary with
+/// `command`/`args`.
+fn start_container(pod: &Value, c: &Value, volumes: &BTreeMap<String, PathBuf>, netns: &str, ip: Ipv4Addr) -> Child {
+    let name = c["name"].as_str().unwrap();
+    let mut argv: Vec<String> = match c["command"].as_array() {
+        Some(cmd) => cmd.iter().map(|a| a.as_str().unwrap().to_string()).collect(),
+        None => vec![image_binary(c["image"].as_str().unwrap()).to_str().unwrap().to_string()],
+    };
+    if c["command"].is_array() {
+        // The image's binary in place of a command naming it by its in-image path.
+        argv[0] = image_binary(&argv[0]).to_str().unwrap().to_string();
+    }
+    argv.extend(
+        c["args"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .map(|a| a.as_str().unwrap().to_string()),
+    );
+
+    let mut env: Vec<(String, String)> = vec![
+        ("KUBERNETES_SERVICE_HOST".into(), KUBERNETES_SERVICE_IP.to_string()),
+        ("KUBERNETES_SERVICE_PORT".into(), "443".into()),
+        ("HOSTNAME".into(), pod["metadata"]["name"].as_str().unwrap().into()),
+        ("PATH".into(), std::env::var("PATH").unwrap_or_default()),
+    ];
+    for e in c["env"].as_array().into_iter().flatten() {
+        let value = match (e["value"].as_str(), e["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
+            (Some(v), _) => v.to_string(),
+            (None, Some(path)) => field(pod, path, Some(ip)),
+            (None, None) => continue,
+        };
+        env.push((e["name"].as_str().unwrap().into(), value));
+    }
+
+    let mut script = String::from("set -e\n");
+    // A mount over a directory that holds volumes (an emptyDir at /tmp, where the test's
+    // directory is) goes last, or it would hide the others' sources.
+    let mut mounts: Vec<&Value> = c["volumeMounts"].as_array().into_iter().flatten().collect();
+    mounts.sort_by_key(|m| {
+        let target = Path::new(m["mountPath"].as_str().unwrap());
+        volumes.values().any(|source| source.starts_with(target))
+    });
+    for m in mounts {
+        let source = &volumes[m["name"].as_str().unwrap()];
+        let target = m["mountPath"].as_str().unwrap();
+        script.push_str(&format!(
+            "mkdir -p '{target}'\nmount --bind '{}' '{target}'\n",
+            source.display()
+        ));
+        if m["readOnly"] == true {
+            script.push_str(&format!("mount -o remount,bind,ro '{target}'\n"));
+        }
+    }
+    let security = |field: &str| {
+        c["securityContext"][field]
+            .as_u64()
+            .or(pod["spec"]["securityContext"][field].as_u64())
+    };
+    script.push_str("exec ");
+    if let Some(uid) = security("runAsUser") {
+        let gid = security("runAsGroup").unwrap_or(uid);
+        script.push_str(&format!("setpriv --reuid {uid} --regid {gid} --clear-groups -- "));
+    }
+    script.push_str("\"$@\"\n");
+    Command::new("ip")
+        .args(["netns", "exec", netns, "sh", "-c", &script, name])
+        .args(&argv)
+        .env_clear()
+        .envs(env)
+        .env("RUST_LOG", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::inherit())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap_or_else(|e| panic!("start container {name}: {e}"))
+}
+
+/// Waits until container `c`'s readiness probe (HTTP GET, or TCP) passes, from the node
+/// as the kubelet probes; at once when it has none.
+fn wait_ready(node_netns: &str, c: &Value, ip: Ipv4Addr) {
+    let probe = &c["readinessProbe"];
+    let port = |p: &Value| -> u16 {
+        match p {
+            Value::Number(n) => n.as_u64().unwrap() as u16,
+            Value::String(name) => c["ports"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|cp| cp["name"] == name.as_str())
+                .and_then(|cp| cp["containerPort"].as_u64())
+                .unwrap_or_else(|| panic!("no port named {name} in {}", c["name"]))
+                as u16,
+            _ => panic!("a probe port must be a number or a name"),
+        }
+    };
+    if let Some(get) = probe.get("httpGet") {
+        let url = format!(
+            "http://{ip}:{}{}",
+            port(&get["port"]),
+            get["path"].as_str().unwrap_or("/")
+        );
+        wait_for(
+            &format!("container {}'s readiness ({url})", c["name"]),
+            POD_DEADLINE,
+            || {
+                let out = Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        node_netns,
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-w",
+                        "%{http_code}",
+                        "--max-time",
+                        "2",
+                        &url,
+                    ])
+                    .output()
+                    .ok()?;
+                let code: u16 = String::from_utf8_lossy(&out.stdout).parse().ok()?;
+                (200..400).contains(&code).then_some(())
+            },
+        );
+    } else if let Some(tcp) = probe.get("tcpSocket") {
+        let target = format!("{ip}:{}", port(&tcp["port"]));
+        wait_for(
+            &format!("container {}'s readiness ({target})", c["name"]),
+            POD_DEADLINE,
+            || {
+                Command::new("ip")
+                    .args([
+                        "netns",
+                        "exec",
+                        node_netns,
+                        "bash",
+                        "-c",
+                        &format!("exec 3<>/dev/tcp/{}/{}", ip, port(&tcp["port"])),
+                    ])
+                    .status()
+                    .ok()?
+                    .success()
+                    .then_some(())
+            },
+        );
+    }
+}
