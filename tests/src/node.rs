@@ -16,8 +16,9 @@
 //! TokenRequest API, bound to the pod), starts each container's process (the image
 //! names a workspace binary) with its arguments, environment (values and field
 //! references), mounts and user, waits for its readiness probes, and reports the pod
-//! Running and Ready with its address. ClusterIPs are DNAT rules in each pod's
-//! namespace, written by the test (`kube-proxy`'s job); the `kubernetes` Service
+//! Running and Ready with its address. Service names resolve through each pod's
+//! `/etc/netns/<pod>/hosts` (the cluster DNS's job); ClusterIPs are DNAT rules in the
+//! node (`kube-proxy`'s job, [`Node::sync_services`]); the `kubernetes` Service
 //! (10.96.0.1:443) leads to the API server.
 //!
 //! Mount points are made in a mount namespace of the container's own (`ip netns exec`
@@ -96,6 +97,15 @@ impl RunningPod {
         }
     }
 
+    /// Runs `cmd` in the pod's network namespace, as root, with its `/etc/hosts`.
+    pub fn exec(&self, cmd: &[&str]) -> std::process::Output {
+        Command::new("ip")
+            .args(["netns", "exec", &self.netns])
+            .args(cmd)
+            .output()
+            .expect("ip netns exec")
+    }
+
     /// Whether container `name` is still running.
     pub fn running(&mut self, name: &str) -> bool {
         self.processes
@@ -136,6 +146,26 @@ impl Node {
             "br0",
         ]);
         sh(&["ip", "-n", &netns, "link", "set", "br0", "up"]);
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &netns,
+            "sysctl",
+            "-q",
+            "-w",
+            "net.ipv4.ip_forward=1",
+        ]);
+        let out = node.exec_with(
+            &["iptables-restore", "-w"],
+            "*nat\n:WARY_TEST_SERVICES - [0:0]\n-A PREROUTING -j WARY_TEST_SERVICES\n-A OUTPUT -j WARY_TEST_SERVICES\n\
+             -A POSTROUTING -m conntrack --ctstate DNAT -o br0 -j MASQUERADE\nCOMMIT\n",
+        );
+        assert!(
+            out.status.success(),
+            "node iptables: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         node
     }
 
@@ -149,6 +179,7 @@ impl Node {
                 self.node_name()
             ))
             .unwrap_or_else(|e| panic!("create the Node: {e}\n{}", cluster.logs()));
+        self.sync_services(&cluster);
         cluster
     }
 
@@ -194,30 +225,10 @@ impl Node {
             "via",
             &NODE_IP.to_string(),
         ]);
-        // kube-proxy's part: the `kubernetes` Service to the API server.
-        let api = cluster.api_port();
-        sh(&[
-            "ip",
-            "netns",
-            "exec",
-            &netns,
-            "iptables",
-            "-w",
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-d",
-            &format!("{KUBERNETES_SERVICE_IP}/32"),
-            "-p",
-            "tcp",
-            "--dport",
-            "443",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &format!("{NODE_IP}:{api}"),
-        ]);
+        // The cluster DNS's part: every Service's name, as of now.
+        let hosts_dir = PathBuf::from("/etc/netns").join(&netns);
+        std::fs::create_dir_all(&hosts_dir).expect("/etc/netns/<pod>");
+        std::fs::write(hosts_dir.join("hosts"), hosts(cluster, namespace)).expect("write the pod's hosts");
 
         // The scheduler's part.
         let binding = json!({"apiVersion": "v1", "kind": "Binding",
@@ -243,6 +254,25 @@ impl Node {
             root,
         };
         let spec = &pod["spec"];
+        // As a kubelet does once the sandbox has its network: the pod is Pending, with
+        // its address, while its init containers (the proxy among them) start.
+        let pending = json!({"status": {
+            "phase": "Pending",
+            "hostIP": NODE_IP.to_string(), "hostIPs": [{"ip": NODE_IP.to_string()}],
+            "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
+            "conditions": [{"type": "PodScheduled", "status": "True"}],
+        }});
+        cluster.kubectl(&[
+            "patch",
+            "pod",
+            name,
+            "-n",
+            namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &pending.to_string(),
+        ]);
         let mut statuses = BTreeMap::new();
         // Init containers in order: each runs to completion, except native sidecars
         // (restartPolicy: Always), which start and stay.
@@ -299,6 +329,57 @@ impl Node {
         self.pods.last_mut().unwrap()
     }
 
+    /// kube-proxy's part: DNAT rules in the node for every Service's ClusterIP and
+    /// port, to its first ready endpoint (from its EndpointSlices), and masquerading, so
+    /// replies come back through the node. The `kubernetes` Service leads to the API
+    /// server. Call it again when endpoints change.
+    pub fn sync_services(&self, cluster: &Cluster) {
+        let mut rules = String::from("*nat\n:WARY_TEST_SERVICES - [0:0]\n");
+        rules.push_str(&format!(
+            "-A WARY_TEST_SERVICES -d {KUBERNETES_SERVICE_IP}/32 -p tcp --dport 443 -j DNAT --to-destination {NODE_IP}:{}\n",
+            cluster.api_port()
+        ));
+        let slices = cluster.get(&["endpointslices", "-A"]);
+        for svc in cluster.get(&["services", "-A"])["items"].as_array().unwrap() {
+            let (ns, name) = (
+                svc["metadata"]["namespace"].as_str().unwrap(),
+                svc["metadata"]["name"].as_str().unwrap(),
+            );
+            let Some(cluster_ip) = svc["spec"]["clusterIP"].as_str().filter(|ip| ip.contains('.')) else {
+                continue;
+            };
+            for port in svc["spec"]["ports"].as_array().into_iter().flatten() {
+                let mut slices = slices["items"].as_array().unwrap().iter().filter(|s| {
+                    s["metadata"]["namespace"] == ns && s["metadata"]["labels"]["kubernetes.io/service-name"] == name
+                });
+                let target = slices.find_map(|slice| {
+                    let port = slice["ports"]
+                        .as_array()?
+                        .iter()
+                        .find(|p| p["name"] == port["name"] || p["name"].is_null())?;
+                    let ep = slice["endpoints"]
+                        .as_array()?
+                        .iter()
+                        .find(|e| e["conditions"]["ready"] == true)?;
+                    Some(format!("{}:{}", ep["addresses"][0].as_str()?, port["port"]))
+                });
+                if let Some(target) = target {
+                    rules.push_str(&format!(
+                        "-A WARY_TEST_SERVICES -d {cluster_ip}/32 -p tcp --dport {} -j DNAT --to-destination {target}\n",
+                        port["port"]
+                    ));
+                }
+            }
+        }
+        rules.push_str("COMMIT\n");
+        let out = self.exec_with(&["iptables-restore", "--noflush", "-w"], &rules);
+        assert!(
+            out.status.success(),
+            "iptables-restore: {}\n{rules}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     /// The pods this node runs.
     pub fn pods(&mut self) -> &mut [RunningPod] {
         &mut self.pods
@@ -306,11 +387,26 @@ impl Node {
 
     /// Runs `cmd` in this node's network namespace (e.g. `curl` to a pod).
     pub fn exec(&self, cmd: &[&str]) -> std::process::Output {
-        Command::new("ip")
+        self.exec_with(cmd, "")
+    }
+
+    fn exec_with(&self, cmd: &[&str], stdin: &str) -> std::process::Output {
+        use std::io::Write;
+        let mut child = Command::new("ip")
             .args(["netns", "exec", &self.netns])
             .args(cmd)
-            .output()
-            .expect("ip netns exec")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ip netns exec");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
+        child.wait_with_output().expect("wait")
     }
 }
 
@@ -319,8 +415,32 @@ impl Drop for Node {
         self.pods.clear();
         for ns in self.namespaces.iter().rev() {
             let _ = Command::new("ip").args(["netns", "delete", ns]).status();
+            let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         }
     }
+}
+
+/// `/etc/hosts` for a pod in `namespace`: every Service with a ClusterIP by its
+/// `name.namespace.svc[.cluster.local]` names (and `name` in the pod's namespace).
+fn hosts(cluster: &Cluster, namespace: &str) -> String {
+    let mut out = String::from("127.0.0.1 localhost\n");
+    for svc in cluster.get(&["services", "-A"])["items"].as_array().unwrap() {
+        let (ns, name) = (
+            svc["metadata"]["namespace"].as_str().unwrap(),
+            svc["metadata"]["name"].as_str().unwrap(),
+        );
+        if let Some(ip) = svc["spec"]["clusterIP"].as_str().filter(|ip| ip.contains('.')) {
+            let short = if ns == namespace {
+                format!(" {name}")
+            } else {
+                String::new()
+            };
+            out.push_str(&format!(
+                "{ip} {name}.{ns}.svc {name}.{ns}.svc.cluster.local {name}.{ns}{short}\n"
+            ));
+        }
+    }
+    out
 }
 
 /// A container's image as the workspace binary it names (`.../wary-proxy:<tag>` is
@@ -479,11 +599,14 @@ fn start_container(pod: &Value, c: &Value, volumes: &BTreeMap<String, PathBuf>, 
     ];
     for e in c["env"].as_array().into_iter().flatten() {
         let value = match (e["value"].as_str(), e["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
-            (Some(v), _) => v.to_string(),
+            (Some(v), _) => expand(v, &env),
             (None, Some(path)) => field(pod, path, Some(ip)),
             (None, None) => continue,
         };
         env.push((e["name"].as_str().unwrap().into(), value));
+    }
+    for arg in argv.iter_mut().skip(1) {
+        *arg = expand(arg, &env);
     }
 
     let mut script = String::from("set -e\n");
@@ -529,10 +652,40 @@ fn start_container(pod: &Value, c: &Value, volumes: &BTreeMap<String, PathBuf>, 
         .unwrap_or_else(|e| panic!("start container {name}: {e}"))
 }
 
-/// Waits until container `c`'s readiness probe (HTTP GET, or TCP) passes, from the node
-/// as the kubelet probes; at once when it has none.
+/// `$(NAME)` in `value` replaced by the variable defined before it, as the kubelet
+/// expands `env` values, `command` and `args`; `$$` is a `$`; an unknown name stays.
+fn expand(value: &str, env: &[(String, String)]) -> String {
+    let mut out = String::new();
+    let mut rest = value;
+    while let Some(i) = rest.find('$') {
+        out.push_str(&rest[..i]);
+        rest = &rest[i..];
+        if let Some(after) = rest.strip_prefix("$$") {
+            out.push('$');
+            rest = after;
+        } else if let Some((name, after)) = rest.strip_prefix("$(").and_then(|r| r.split_once(')'))
+            && let Some((_, v)) = env.iter().rev().find(|(n, _)| n == name)
+        {
+            out.push_str(v);
+            rest = after;
+        } else {
+            out.push('$');
+            rest = &rest[1..];
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// Waits until container `c`'s startup and readiness probes (HTTP GET, or TCP) pass,
+/// from the node as the kubelet probes; at once when it has none.
 fn wait_ready(node_netns: &str, c: &Value, ip: Ipv4Addr) {
-    let probe = &c["readinessProbe"];
+    for probe in ["startupProbe", "readinessProbe"] {
+        wait_probe(node_netns, c, &c[probe], ip);
+    }
+}
+
+fn wait_probe(node_netns: &str, c: &Value, probe: &Value, ip: Ipv4Addr) {
     let port = |p: &Value| -> u16 {
         match p {
             Value::Number(n) => n.as_u64().unwrap() as u16,

@@ -245,6 +245,74 @@ fn the_chart_installs_upgrades_from_0_1_0_uninstalls_and_installs_again() {
     );
 }
 
+/// A node and the cluster inside it. Bind it as `OnNode { cluster, mut node }`: locals
+/// drop in reverse order, so the node's pods stop before the API server they watch
+/// (which otherwise waits 10 s on their watches before it is killed).
+struct OnNode {
+    node: Node,
+    cluster: Cluster,
+}
+
+/// Installs the chart in a cluster on a new node with `replicas` control planes, and
+/// runs them there; returns once the EndpointSlice controller lists them all ready and
+/// the node routes the Services' ClusterIPs to them.
+fn install(tag: &str, dir: &Path, replicas: usize) -> OnNode {
+    let mut node = Node::new(tag);
+    let cluster = node.start_cluster(dir);
+    let chart = root().join("charts/wary");
+    let replicas_value = format!("controlPlane.replicas={replicas}");
+    cluster
+        .helm(&[
+            "install",
+            "wary",
+            chart.to_str().unwrap(),
+            "-n",
+            "wary-system",
+            "--create-namespace",
+            "--set",
+            &replicas_value,
+        ])
+        .unwrap_or_else(|e| panic!("helm install: {e}\n{}", cluster.logs()));
+
+    // The ReplicaSet controller makes the Deployment's pods; the node runs them.
+    let pods = wait_for("the control plane's pods", POD_DEADLINE, || {
+        let list = cluster.get(&[
+            "pods",
+            "-n",
+            "wary-system",
+            "-l",
+            "app.kubernetes.io/component=control-plane",
+        ]);
+        let names: Vec<String> = list["items"]
+            .as_array()?
+            .iter()
+            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
+            .collect();
+        (names.len() == replicas).then_some(names)
+    });
+    for pod in &pods {
+        node.run_pod(&cluster, "wary-system", pod, dir);
+    }
+    wait_for("ready endpoints of the control plane's Service", POD_DEADLINE, || {
+        let slices = cluster.get(&[
+            "endpointslices",
+            "-n",
+            "wary-system",
+            "-l",
+            "kubernetes.io/service-name=wary-control-plane",
+        ]);
+        let ready = slices["items"]
+            .as_array()?
+            .iter()
+            .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
+            .filter(|e| e["conditions"]["ready"] == true)
+            .count();
+        (ready == replicas).then_some(())
+    });
+    node.sync_services(&cluster);
+    OnNode { node, cluster }
+}
+
 /// Names of the containers in `list` (`spec.containers`, `spec.initContainers`).
 fn names(list: &Value) -> Vec<&str> {
     list.as_array()
@@ -286,51 +354,11 @@ fn the_api_server_calls_the_chart_s_webhook_and_stores_injected_pods() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut node = Node::new("hook");
-    let cluster = node.start_cluster(dir.path());
+    let OnNode { cluster, mut node } = install("hook", dir.path(), 2);
     let chart = root().join("charts/wary");
     let chart = chart.to_str().unwrap();
-    cluster
-        .helm(&["install", "wary", chart, "-n", "wary-system", "--create-namespace"])
-        .unwrap_or_else(|e| panic!("helm install: {e}\n{}", cluster.logs()));
-
-    // The ReplicaSet controller makes the Deployment's two pods; the node runs them.
-    let pods = wait_for("the control plane's two pods", POD_DEADLINE, || {
-        let list = cluster.get(&[
-            "pods",
-            "-n",
-            "wary-system",
-            "-l",
-            "app.kubernetes.io/component=control-plane",
-        ]);
-        let names: Vec<String> = list["items"]
-            .as_array()?
-            .iter()
-            .map(|p| p["metadata"]["name"].as_str().unwrap().to_string())
-            .collect();
-        (names.len() == 2).then_some(names)
-    });
-    for pod in &pods {
-        node.run_pod(&cluster, "wary-system", pod, dir.path());
-    }
     // One CA for both replicas: the first made the Secret, the other read it.
     cluster.get(&["secret", "wary-ca", "-n", "wary-system"]);
-    wait_for("two ready endpoints of the webhook's Service", POD_DEADLINE, || {
-        let slices = cluster.get(&[
-            "endpointslices",
-            "-n",
-            "wary-system",
-            "-l",
-            "kubernetes.io/service-name=wary-control-plane",
-        ]);
-        let ready = slices["items"]
-            .as_array()?
-            .iter()
-            .flat_map(|s| s["endpoints"].as_array().into_iter().flatten())
-            .filter(|e| e["conditions"]["ready"] == true)
-            .count();
-        (ready == 2).then_some(())
-    });
 
     // An injected namespace: the stored pod has the init step, the native sidecar and
     // its probes moved to the proxy.
@@ -410,4 +438,138 @@ fn the_api_server_calls_the_chart_s_webhook_and_stores_injected_pods() {
         refused.contains("failed calling webhook \"namespace.inject.wary.io\""),
         "{refused}"
     );
+}
+
+const SHOP: &str = r#"apiVersion: v1
+kind: Namespace
+metadata:
+  name: shop
+  labels: {wary.io/inject: enabled}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: backend, namespace: shop}
+---
+apiVersion: v1
+kind: ServiceAccount
+metadata: {name: client, namespace: shop}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: backend, namespace: shop}
+spec:
+  selector: {app: backend}
+  ports: [{name: http, port: 80, targetPort: 8080}]
+"#;
+
+/// A demo app pod (the `wary` image's `demo-app backend`) as service account `sa`.
+fn demo_pod(name: &str, sa: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata:
+  name: {name}
+  namespace: shop
+  labels: {{app: {name}}}
+spec:
+  serviceAccountName: {sa}
+  containers:
+  - name: app
+    image: ghcr.io/wary-mesh/wary:0.2.0
+    args: [demo-app, backend, --listen, "0.0.0.0:8080", --name, {name}]
+    ports: [{{containerPort: 8080}}]
+    readinessProbe:
+      httpGet: {{path: /api/work, port: 8080}}
+"#
+    )
+}
+
+fn authorization(principal: &str) -> String {
+    format!(
+        r#"apiVersion: policy.wary.io/v1alpha1
+kind: AuthorizationPolicy
+metadata: {{name: backend-callers, namespace: shop}}
+spec:
+  targetRef: {{kind: Service, name: backend}}
+  action: ALLOW
+  rules:
+  - from:
+    - source:
+        principals: ["{principal}"]
+"#
+    )
+}
+
+/// The whole path on a real API server: pods injected by the chart's webhook run with
+/// their init step's iptables rules and the proxy beside the app; the proxies prove who
+/// they are with TokenRequest tokens the control plane checks with TokenReview; a plain
+/// request to a Service's name crosses both proxies over mTLS and the backend sees the
+/// caller's SPIFFE ID; policies applied to the API server reach the proxies, and one
+/// the schema accepts but Wary refuses keeps the last good version in force, and says why.
+#[test]
+fn injected_pods_talk_over_mtls_and_follow_policies_applied_to_the_api_server() {
+    if cluster::skip("injected_pods_talk_over_mtls_and_follow_policies_applied_to_the_api_server") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let OnNode { cluster, mut node } = install("mesh", dir.path(), 1);
+    cluster.apply(SHOP).unwrap();
+    for (name, sa) in [("backend", "backend"), ("client", "client")] {
+        cluster
+            .apply(&demo_pod(name, sa))
+            .unwrap_or_else(|e| panic!("create pod {name}: {e}"));
+        node.run_pod(&cluster, "shop", name, dir.path());
+    }
+    let cp_ip = node.pods()[0].ip;
+    let client = node.pods().iter().position(|p| p.name == "client").unwrap();
+    let call = |node: &mut Node| -> (u16, String) {
+        let out = node.pods()[client].exec(&[
+            "curl",
+            "-sS",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+            "http://backend.shop.svc/api/work",
+        ]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or((&text, "0"));
+        (code.parse().unwrap_or(0), body.to_string())
+    };
+    let (code, body) = call(&mut node);
+    assert_eq!(
+        (code, body.trim()),
+        (200, "work done by backend for spiffe://cluster.local/ns/shop/sa/client"),
+        "the backend must see the client's verified identity"
+    );
+
+    // A policy applied to the API server reaches the proxies.
+    cluster
+        .apply(&authorization("spiffe://cluster.local/ns/shop/sa/someone-else"))
+        .unwrap();
+    wait_for("the backend's proxy to refuse the client", POD_DEADLINE, || {
+        (call(&mut node).0 == 403).then_some(())
+    });
+
+    // One the schema cannot refuse, Wary does: the last good version stays, and the
+    // control plane says why.
+    cluster.apply(&authorization("client")).unwrap();
+    let config_url = format!("http://{cp_ip}:9990/config");
+    let why = wait_for("the control plane to report the bad policy", POD_DEADLINE, || {
+        let out = node.exec(&["curl", "-sS", "--max-time", "5", &config_url]);
+        let config = String::from_utf8_lossy(&out.stdout).into_owned();
+        config
+            .contains("AuthorizationPolicy/shop/backend-callers")
+            .then_some(config)
+    });
+    assert!(why.contains("is not a SPIFFE ID"), "{why}");
+    assert_eq!(call(&mut node).0, 403, "a refused policy replaced the last good one");
+
+    // Corrected, it is in force again.
+    cluster
+        .apply(&authorization("spiffe://cluster.local/ns/shop/sa/client"))
+        .unwrap();
+    wait_for("the backend's proxy to let the client in", POD_DEADLINE, || {
+        (call(&mut node).0 == 200).then_some(())
+    });
 }
