@@ -85,6 +85,41 @@ pub struct InjectConfig {
     pub memory_limit: String,
 }
 
+/// Whether to inject the proxy as a native sidecar: `auto` (the default) asks the API
+/// server's version, since native sidecars (init containers with `restartPolicy:
+/// Always`) are on by default from Kubernetes 1.29 (KEP-753).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum NativeSidecars {
+    /// Native on Kubernetes 1.29 and later, else the proxy as the first container.
+    Auto,
+    /// Always native.
+    True,
+    /// Never: the proxy is the first regular container (the layout before 1.29).
+    False,
+}
+
+/// The first Kubernetes minor release whose API server runs native sidecars by default.
+pub const NATIVE_SIDECARS_SINCE: (u32, u32) = (1, 29);
+
+impl NativeSidecars {
+    /// The decision for an API server reporting `major`.`minor` (as `/version` does:
+    /// `"1"`, `"29+"` on some providers); `None` (version unknown) counts as native,
+    /// since every supported release has them.
+    pub fn native(self, version: Option<(&str, &str)>) -> bool {
+        match self {
+            NativeSidecars::True => true,
+            NativeSidecars::False => false,
+            NativeSidecars::Auto => {
+                let number = |s: &str| s.trim_end_matches(|c: char| !c.is_ascii_digit()).parse::<u32>().ok();
+                match version.and_then(|(major, minor)| Some((number(major)?, number(minor)?))) {
+                    Some(v) => v >= NATIVE_SIDECARS_SINCE,
+                    None => true,
+                }
+            }
+        }
+    }
+}
+
 impl Default for InjectConfig {
     fn default() -> Self {
         Self {
@@ -585,5 +620,24 @@ fn requests(config: &InjectConfig) -> ResourceRequirements {
             ("memory".to_string(), Quantity(config.memory_request.clone())),
         ])),
         ..ResourceRequirements::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn native_sidecars_follow_the_api_server_version_when_auto() {
+        let auto = NativeSidecars::Auto;
+        assert!(auto.native(Some(("1", "29"))));
+        assert!(auto.native(Some(("1", "37"))));
+        assert!(auto.native(Some(("1", "30+"))), "a provider's 30+ is 30");
+        assert!(!auto.native(Some(("1", "28"))));
+        assert!(!auto.native(Some(("1", "27+"))));
+        assert!(auto.native(None), "unknown counts as native");
+        assert!(auto.native(Some(("1", "x"))), "unreadable counts as unknown");
+        assert!(!NativeSidecars::False.native(Some(("1", "37"))));
+        assert!(NativeSidecars::True.native(Some(("1", "20"))));
     }
 }

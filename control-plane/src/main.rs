@@ -15,6 +15,7 @@ use tokio::sync::watch;
 use wary_certs::TrustDomain;
 use wary_certs::credentials::Credentials;
 use wary_control_plane::ca_store::CaStore;
+use wary_control_plane::inject::NativeSidecars;
 use wary_control_plane::{
     admin::Admin, config_watch, discovery, identity, kubernetes, metrics as m, snapshot::Snapshot,
 };
@@ -94,9 +95,10 @@ struct WebhookArgs {
     )]
     inject_control_plane_url: String,
     /// Inject the proxy as a native sidecar (an init container with restartPolicy:
-    /// Always; Kubernetes 1.29 and later); false: as the first regular container.
-    #[arg(long, env = "WARY_NATIVE_SIDECARS", default_value_t = true, action = clap::ArgAction::Set)]
-    native_sidecars: bool,
+    /// Always): auto (on Kubernetes 1.29 and later, from the API server's version),
+    /// true, or false (the proxy as the first regular container).
+    #[arg(long, env = "WARY_NATIVE_SIDECARS", value_enum, default_value_t = NativeSidecars::Auto)]
+    native_sidecars: NativeSidecars,
 }
 
 #[derive(Subcommand, Debug)]
@@ -327,6 +329,21 @@ async fn main() -> anyhow::Result<()> {
         own_identity,
         snapshots.subscribe(),
     ));
+    // The injected layout follows the API server's version (native sidecars from 1.29).
+    let api_server_version = match &source {
+        Source::Kubernetes { client, .. }
+            if args.webhook.webhook_addr.is_some() && args.webhook.native_sidecars == NativeSidecars::Auto =>
+        {
+            match client.apiserver_version().await {
+                Ok(info) => Some((info.major, info.minor)),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read the API server's version: injecting native sidecars");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let (where_from, verifier, namespace_labels, watch_task): (
         String,
         Arc<dyn identity::ProofVerifier>,
@@ -402,6 +419,15 @@ async fn main() -> anyhow::Result<()> {
             })?;
             let bound = listener.local_addr()?;
             let defaults = wary_control_plane::inject::InjectConfig::default();
+            let native_sidecar = w
+                .native_sidecars
+                .native(api_server_version.as_ref().map(|(a, b)| (a.as_str(), b.as_str())));
+            tracing::info!(
+                native_sidecar,
+                setting = ?w.native_sidecars,
+                api_server = ?api_server_version,
+                "the injected proxy's layout"
+            );
             let webhook = wary_control_plane::webhook::Webhook {
                 config: wary_control_plane::inject::InjectConfig {
                     image: w.proxy_image.clone().unwrap_or(defaults.image.clone()),
@@ -409,7 +435,7 @@ async fn main() -> anyhow::Result<()> {
                     control_plane: w.inject_control_plane_url.clone(),
                     trust_domain: mesh.trust_domain.to_string(),
                     trust_anchors_pem: ca.current()?.bundle.to_pem().replace("\r\n", "\n"),
-                    native_sidecar: w.native_sidecars,
+                    native_sidecar,
                     cpu_request: w.proxy_cpu_request.clone(),
                     memory_request: w.proxy_memory_request.clone(),
                     memory_limit: w.proxy_memory_limit.clone(),

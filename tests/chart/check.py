@@ -1,7 +1,8 @@
 """Renders and lints the Helm chart with the real Helm library (helm-python-sdk, which
 embeds Helm 4), and validates every manifest it renders, and any extra manifests given
 (pods patched by the injector), with kubernetes-validate in strict mode against
-Kubernetes 1.29 and the newest version it knows.
+Kubernetes 1.26 (the chart's oldest; 1.29 for injected pods, which may carry native
+sidecars) and the newest version it knows.
 
 Usage: check.py CHART_DIR [MANIFEST.yaml ...]; exit status 1 with every problem listed.
 """
@@ -12,16 +13,17 @@ import helm_python as helm
 import kubernetes_validate
 import yaml
 
-OLDEST = "1.29.0"
+OLDEST = "1.26.0"
+NATIVE_SIDECARS_SINCE = "1.29.0"
 
 
-def validate(docs, origin, problems):
+def validate(docs, origin, problems, oldest=OLDEST):
     newest = kubernetes_validate.utils.latest_version()
     for doc in docs:
         if not doc:
             continue
         what = f"{origin}: {doc.get('kind')}/{doc.get('metadata', {}).get('name')}"
-        for version in (OLDEST, newest):
+        for version in (oldest, newest):
             try:
                 kubernetes_validate.validate(doc, version, strict=True)
             except kubernetes_validate.ValidationError as e:
@@ -64,11 +66,40 @@ def main():
             if needed not in kinds:
                 problems.append(f"the chart rendered no {needed} (values {values})")
         count += validate(docs, f"rendered (values {values})", problems)
+    # Values that change what is rendered: one replica (no PodDisruptionBudget), the HA
+    # file, prometheus-operator's PodMonitors (not validated: their CRD is not
+    # Kubernetes').
+    def kinds_of(values):
+        rendered = chart.render(values, name="wary", namespace="wary-system", is_install=True)
+        docs = [d for path, text in rendered.items() if not path.endswith("NOTES.txt")
+                for d in yaml.safe_load_all(text) if d]
+        return docs, [d["kind"] for d in docs]
+    _, kinds = kinds_of({"controlPlane": {"replicas": 1}})
+    if "PodDisruptionBudget" in kinds:
+        problems.append("one replica rendered a PodDisruptionBudget")
+    with open(f"{chart_dir}/values-ha.yaml") as f:
+        ha = yaml.safe_load(f)
+    docs, kinds = kinds_of(ha)
+    count += validate([d for d in docs], "rendered (values-ha.yaml)", problems)
+    if "PodDisruptionBudget" not in kinds:
+        problems.append("values-ha.yaml rendered no PodDisruptionBudget")
+    hooks = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"][0]["webhooks"]
+    if any(h["failurePolicy"] != "Fail" for h in hooks):
+        problems.append("values-ha.yaml did not set failurePolicy: Fail")
+    _, kinds = kinds_of({"metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}})
+    if kinds.count("PodMonitor") != 2:
+        problems.append(f"metrics.podMonitor.enabled rendered {kinds.count('PodMonitor')} PodMonitors, not 2")
+    notes = chart.render({}, name="wary", namespace="wary-system", is_install=True).get("wary/templates/NOTES.txt", "")
+    for needed in ("wary.io/inject=enabled", "wary-ca", "kubectl delete crd"):
+        if needed not in notes:
+            problems.append(f"NOTES.txt does not mention {needed}")
+
     if chart.crds:
         problems.append("the chart has a crds/ folder: CRDs belong in templates/crds.yaml, so upgrades change them")
     for path in extra:
         with open(path) as f:
-            count += validate(list(yaml.safe_load_all(f)), path, problems)
+            # Injected pods may carry native sidecars, which need 1.29.
+            count += validate(list(yaml.safe_load_all(f)), path, problems, oldest=NATIVE_SIDECARS_SINCE)
 
     if problems:
         print("\n".join(problems))

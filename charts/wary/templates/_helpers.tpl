@@ -15,7 +15,11 @@ app.kubernetes.io/component: control-plane
 
 {{/* An image reference: repository:tag, the tag defaulting to the appVersion. */}}
 {{- define "wary.image" -}}
+{{- if .image.digest -}}
+{{ .image.repository }}@{{ .image.digest }}
+{{- else -}}
 {{ .image.repository }}:{{ .image.tag | default .chart.AppVersion }}
+{{- end }}
 {{- end }}
 
 {{/* The control plane's Service name: proxies verify its SPIFFE ID, not this name. */}}
