@@ -132,6 +132,80 @@ impl Cluster {
             .expect("a server URL in the kubeconfig")
     }
 
+    /// Stops the API server (etcd and the controller manager stay), as `scripts/kube`
+    /// does on SIGUSR1 with `DIR/apiserver-hold`; every watch breaks.
+    pub fn stop_api_server(&self) {
+        std::fs::write(self.dir.join("apiserver-hold"), "").expect("hold file");
+        self.signal("USR1");
+        crate::node::wait_for("the API server to stop", Duration::from_secs(30), || {
+            (std::fs::read_to_string(self.dir.join("apiserver-state")).ok()?.trim() == "stopped").then_some(())
+        });
+    }
+
+    /// Starts the API server again (SIGUSR2) and waits until `/readyz` answers.
+    pub fn start_api_server(&self) {
+        let _ = std::fs::remove_file(self.dir.join("apiserver-hold"));
+        self.signal("USR2");
+        crate::node::wait_for("the API server to be ready again", Duration::from_secs(60), || {
+            self.kubectl_with(&["get", "--raw", "/readyz"], "")
+                .status
+                .success()
+                .then_some(())
+        });
+    }
+
+    fn signal(&self, signal: &str) {
+        let pid = std::fs::read_to_string(self.dir.join("pid")).expect("scripts/kube's pid");
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), pid.trim()])
+            .status()
+            .expect("kill");
+        assert!(status.success(), "signal scripts/kube");
+    }
+
+    /// Compacts etcd's history up to its current revision (physically), through its
+    /// JSON gateway, so no watch can resume from before now; returns that revision.
+    pub fn compact_etcd(&self) -> u64 {
+        let url = std::fs::read_to_string(self.dir.join("etcd-url")).expect("etcd-url");
+        let url = url.trim();
+        let post = |path: &str, body: &str| -> serde_json::Value {
+            let out = command(self.netns.as_deref(), Path::new("curl"))
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "10",
+                    "-X",
+                    "POST",
+                    &format!("{url}{path}"),
+                    "-d",
+                    body,
+                ])
+                .output()
+                .expect("curl etcd");
+            assert!(
+                out.status.success(),
+                "etcd {path}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("etcd {path}: {e}"))
+        };
+        // Any key: the header carries the store's revision.
+        let range = post("/v3/kv/range", r#"{"key": "Lw=="}"#);
+        let revision: u64 = range["header"]["revision"]
+            .as_str()
+            .and_then(|r| r.parse().ok())
+            .expect("a revision");
+        let compacted = post(
+            "/v3/kv/compaction",
+            &format!(r#"{{"revision": "{revision}", "physical": true}}"#),
+        );
+        assert!(
+            compacted.get("error").is_none() && compacted.get("code").is_none(),
+            "compaction: {compacted}"
+        );
+        revision
+    }
+
     /// The last lines of every component's log, for a failing test's message.
     pub fn logs(&self) -> String {
         let mut out = String::new();

@@ -27,6 +27,7 @@
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -83,7 +84,8 @@ pub struct RunningPod {
     pub name: String,
     pub ip: Ipv4Addr,
     pub netns: String,
-    processes: Vec<(String, Child)>,
+    /// Each container's name, process, and whether it is a native sidecar.
+    processes: Vec<(String, Child, bool)>,
     /// Where its volumes live (removed with the test's directory).
     pub root: PathBuf,
 }
@@ -91,10 +93,22 @@ pub struct RunningPod {
 impl RunningPod {
     /// Stops the pod's processes (SIGKILL), as a crashed or deleted pod.
     pub fn kill(&mut self) {
-        for (_, child) in &mut self.processes {
+        for (_, child, _) in &mut self.processes {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+
+    /// Where container `name`'s stdout and stderr go.
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        let dir = self.root.join("logs");
+        std::fs::create_dir_all(&dir).expect("logs dir");
+        dir.join(format!("{name}.log"))
+    }
+
+    /// What container `name` has written so far.
+    pub fn log(&self, name: &str) -> String {
+        std::fs::read_to_string(self.log_path(name)).unwrap_or_default()
     }
 
     /// Runs `cmd` in the pod's network namespace, as root, with its `/etc/hosts`.
@@ -110,8 +124,8 @@ impl RunningPod {
     pub fn running(&mut self, name: &str) -> bool {
         self.processes
             .iter_mut()
-            .find(|(n, _)| n == name)
-            .is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None)))
+            .find(|(n, _, _)| n == name)
+            .is_some_and(|(_, c, _)| matches!(c.try_wait(), Ok(None)))
     }
 }
 
@@ -277,25 +291,32 @@ impl Node {
         // Init containers in order: each runs to completion, except native sidecars
         // (restartPolicy: Always), which start and stay.
         for c in spec["initContainers"].as_array().into_iter().flatten() {
-            let mut child = start_container(&pod, c, &volumes, &netns, ip);
+            let log = running.log_path(c["name"].as_str().unwrap());
+            let mut child = start_container(&pod, c, &volumes, &netns, ip, &log);
             if c["restartPolicy"] == "Always" {
-                running.processes.push((c["name"].as_str().unwrap().into(), child));
-                wait_ready(&self.netns, c, ip);
+                running
+                    .processes
+                    .push((c["name"].as_str().unwrap().into(), child, true));
+                wait_ready(&self.netns, c, ip, &log);
             } else {
                 let status = child.wait().expect("wait for an init container");
                 assert!(
                     status.success(),
-                    "init container {} of {namespace}/{name} failed: {status}",
-                    c["name"]
+                    "init container {} of {namespace}/{name} failed: {status}\n{}",
+                    c["name"],
+                    std::fs::read_to_string(&log).unwrap_or_default()
                 );
             }
         }
         for c in spec["containers"].as_array().expect("containers") {
-            let child = start_container(&pod, c, &volumes, &netns, ip);
-            running.processes.push((c["name"].as_str().unwrap().into(), child));
+            let log = running.log_path(c["name"].as_str().unwrap());
+            let child = start_container(&pod, c, &volumes, &netns, ip, &log);
+            running
+                .processes
+                .push((c["name"].as_str().unwrap().into(), child, false));
         }
         for c in spec["containers"].as_array().expect("containers") {
-            wait_ready(&self.netns, c, ip);
+            wait_ready(&self.netns, c, ip, &running.log_path(c["name"].as_str().unwrap()));
             statuses.insert(c["name"].as_str().unwrap().to_string(), c["image"].clone());
         }
         let now = "2026-01-01T00:00:00Z";
@@ -378,6 +399,81 @@ impl Node {
             "iptables-restore: {}\n{rules}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// Runs pod `index` to its end, as a kubelet does for `restartPolicy: Never`: waits
+    /// for its containers to exit, then stops its native sidecars (SIGTERM, in reverse
+    /// order, SIGKILL after 30 s), and reports the pod `Succeeded` (every container
+    /// exited 0) or `Failed`, with each container's exit code. Returns the phase.
+    pub fn finish_pod(&mut self, cluster: &Cluster, index: usize) -> String {
+        let pod = &mut self.pods[index];
+        let mut exits: BTreeMap<String, i32> = BTreeMap::new();
+        let (sidecars, containers): (Vec<_>, Vec<_>) = pod.processes.iter_mut().partition(|(_, _, sidecar)| *sidecar);
+        for (name, child, _) in containers {
+            let status = wait_for(&format!("container {name} to exit"), POD_DEADLINE, || {
+                child.try_wait().ok().flatten()
+            });
+            exits.insert(name.clone(), status.code().unwrap_or(137));
+        }
+        for (name, child, _) in sidecars.into_iter().rev() {
+            let _ = Command::new("kill").args(["-TERM", &child.id().to_string()]).status();
+            let end = Instant::now() + Duration::from_secs(30);
+            let status = loop {
+                if let Ok(Some(status)) = child.try_wait() {
+                    break status;
+                }
+                if Instant::now() > end {
+                    let _ = child.kill();
+                    break child.wait().expect("wait");
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            };
+            // As a kubelet reports a sidecar it stopped: terminated by SIGTERM is 143.
+            exits.insert(
+                name.clone(),
+                status.code().unwrap_or(128 + status.signal().unwrap_or(9)),
+            );
+        }
+        let spec = cluster.get(&["pod", &pod.name, "-n", &pod.namespace]);
+        let regular: Vec<String> = spec["spec"]["containers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["name"].as_str().unwrap().to_string())
+            .collect();
+        let phase = if regular.iter().all(|c| exits.get(c) == Some(&0)) {
+            "Succeeded"
+        } else {
+            "Failed"
+        };
+        let now = "2026-01-01T00:00:01Z";
+        let terminated = |c: &Value| {
+            let code = exits.get(c["name"].as_str().unwrap()).copied().unwrap_or(0);
+            json!({"name": c["name"], "image": c["image"], "imageID": "", "ready": false, "started": false,
+                   "restartCount": 0,
+                   "state": {"terminated": {"exitCode": code, "reason": if code == 0 { "Completed" } else { "Error" },
+                                            "startedAt": "2026-01-01T00:00:00Z", "finishedAt": now}}})
+        };
+        let not_ready =
+            |t: &str| json!({"type": t, "status": "False", "reason": "PodCompleted", "lastTransitionTime": now});
+        let status = json!({"status": {
+            "phase": phase,
+            "conditions": [not_ready("Ready"), not_ready("ContainersReady")],
+            "containerStatuses": spec["spec"]["containers"].as_array().unwrap().iter().map(terminated).collect::<Vec<_>>(),
+            "initContainerStatuses": spec["spec"]["initContainers"].as_array().into_iter().flatten().map(terminated).collect::<Vec<_>>(),
+        }});
+        cluster.kubectl(&[
+            "patch",
+            "pod",
+            &pod.name,
+            "-n",
+            &pod.namespace,
+            "--subresource=status",
+            "--type=merge",
+            "-p",
+            &status.to_string(),
+        ]);
+        phase.to_string()
     }
 
     /// The pods this node runs.
@@ -573,7 +669,19 @@ fn field(pod: &Value, path: &str, ip: Option<Ipv4Addr>) -> String {
 /// Starts container `c` of `pod` in `netns`: its mounts in a mount namespace of its
 /// own, as its `runAsUser` (container's, else the pod's), its image's binary with
 /// `command`/`args`.
-fn start_container(pod: &Value, c: &Value, volumes: &BTreeMap<String, PathBuf>, netns: &str, ip: Ipv4Addr) -> Child {
+fn start_container(
+    pod: &Value,
+    c: &Value,
+    volumes: &BTreeMap<String, PathBuf>,
+    netns: &str,
+    ip: Ipv4Addr,
+    log: &Path,
+) -> Child {
+    let out = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .expect("container log");
     let name = c["name"].as_str().unwrap();
     let mut argv: Vec<String> = match c["command"].as_array() {
         Some(cmd) => cmd.iter().map(|a| a.as_str().unwrap().to_string()).collect(),
@@ -646,8 +754,8 @@ fn start_container(pod: &Value, c: &Value, volumes: &BTreeMap<String, PathBuf>, 
         .envs(env)
         .env("RUST_LOG", "info")
         .stdin(Stdio::null())
-        .stdout(Stdio::inherit())
-        .stderr(Stdio::inherit())
+        .stdout(out.try_clone().expect("log"))
+        .stderr(out)
         .spawn()
         .unwrap_or_else(|e| panic!("start container {name}: {e}"))
 }
@@ -679,9 +787,21 @@ fn expand(value: &str, env: &[(String, String)]) -> String {
 
 /// Waits until container `c`'s startup and readiness probes (HTTP GET, or TCP) pass,
 /// from the node as the kubelet probes; at once when it has none.
-fn wait_ready(node_netns: &str, c: &Value, ip: Ipv4Addr) {
-    for probe in ["startupProbe", "readinessProbe"] {
-        wait_probe(node_netns, c, &c[probe], ip);
+fn wait_ready(node_netns: &str, c: &Value, ip: Ipv4Addr, log: &Path) {
+    let waited = std::panic::catch_unwind(|| {
+        for probe in ["startupProbe", "readinessProbe"] {
+            wait_probe(node_netns, c, &c[probe], ip);
+        }
+    });
+    if let Err(e) = waited {
+        let log = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = log.lines().rev().take(30).collect();
+        let tail: Vec<&str> = tail.into_iter().rev().collect();
+        panic!(
+            "{}\nits log ends:\n{}",
+            e.downcast_ref::<String>().cloned().unwrap_or_default(),
+            tail.join("\n")
+        );
     }
 }
 

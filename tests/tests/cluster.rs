@@ -573,3 +573,138 @@ fn injected_pods_talk_over_mtls_and_follow_policies_applied_to_the_api_server() 
         (call(&mut node).0 == 200).then_some(())
     });
 }
+
+/// The control plane's `/config` page, from the node.
+fn control_plane_config(node: &Node, ip: std::net::Ipv4Addr) -> Option<Value> {
+    let out = node.exec(&["curl", "-sS", "--max-time", "5", &format!("http://{ip}:9990/config")]);
+    serde_json::from_slice(&out.stdout).ok()
+}
+
+fn service(namespace: &str, name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {namespace}}}\n\
+         spec: {{selector: {{app: {name}}}, ports: [{{port: 80}}]}}\n"
+    )
+}
+
+/// The API server restarts after etcd was compacted to now: every watch of the control
+/// plane resumes from a revision that no longer exists, gets 410 Gone, relists, and the
+/// control plane converges on what the cluster holds.
+#[test]
+fn watches_that_get_410_gone_after_a_compaction_relist_and_converge() {
+    if cluster::skip("watches_that_get_410_gone_after_a_compaction_relist_and_converge") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let OnNode { cluster, mut node } = install("relist", dir.path(), 1);
+    let cp_ip = node.pods()[0].ip;
+    cluster
+        .apply("apiVersion: v1\nkind: Namespace\nmetadata: {name: demo}\n")
+        .unwrap();
+    cluster.apply(&service("demo", "one")).unwrap();
+    let counts =
+        |node: &Node| control_plane_config(node, cp_ip).map(|c| c["counts"].as_str().unwrap_or("").to_string());
+    wait_for("the control plane to see Service one", POD_DEADLINE, || {
+        counts(&node).filter(|c| c.contains("service=2")).map(|_| ())
+    });
+
+    // A write the control plane does not watch moves etcd past every watch's revision;
+    // then the API server stops, etcd forgets the history, and the API server returns.
+    cluster
+        .apply("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: bump, namespace: demo}\ndata: {a: b}\n")
+        .unwrap();
+    cluster.stop_api_server();
+    let revision = cluster.compact_etcd();
+    cluster.start_api_server();
+
+    // Every watch resumes from before `revision`: 410 Gone, then a relist.
+    let gone = wait_for(
+        "the control plane's watches to be told their revision is gone",
+        POD_DEADLINE,
+        || {
+            let log = node.pods()[0].log("control-plane");
+            log.lines()
+                .find(|l| l.contains("too old resource version") || l.contains("410"))
+                .map(str::to_string)
+        },
+    );
+    eprintln!("the control plane was told: {gone}");
+    assert!(gone.contains("watch failed; retrying"), "{gone}");
+
+    // And it converges: what changes now is what it serves.
+    cluster.kubectl(&["delete", "service", "one", "-n", "demo"]);
+    cluster.apply(&service("demo", "two")).unwrap();
+    cluster.apply(&service("demo", "three")).unwrap();
+    cluster
+        .apply(&authorization("not-a-spiffe-id").replace("namespace: shop", "namespace: demo"))
+        .unwrap();
+    let config = wait_for("the control plane to converge after the relist", POD_DEADLINE, || {
+        let config = control_plane_config(&node, cp_ip)?;
+        let ok = config["counts"].as_str()?.contains("service=3")
+            && config["errors"]
+                .to_string()
+                .contains("AuthorizationPolicy/demo/backend-callers");
+        ok.then_some(config)
+    });
+    assert!(
+        config["errors"].to_string().contains("is not a SPIFFE ID"),
+        "{config} (compacted at {revision})"
+    );
+}
+
+/// With native sidecars a Job's pod completes when its app exits: the kubelet (the
+/// test) stops the proxy once the app is done, and the Job controller marks the Job
+/// Complete. The old layout (the proxy as a regular container) never would.
+#[test]
+fn a_job_whose_app_exits_completes_with_the_proxy_injected() {
+    if cluster::skip("a_job_whose_app_exits_completes_with_the_proxy_injected") {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tempdir");
+    let OnNode { cluster, mut node } = install("job", dir.path(), 1);
+    cluster.apply(SHOP).unwrap();
+    cluster
+        .apply(
+            r#"apiVersion: batch/v1
+kind: Job
+metadata: {name: report, namespace: shop}
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      restartPolicy: Never
+      serviceAccountName: client
+      containers:
+      - name: app
+        image: ghcr.io/wary-mesh/wary:0.2.0
+        args: ["--version"]
+"#,
+        )
+        .unwrap();
+    let pod = wait_for("the Job's pod", POD_DEADLINE, || {
+        let list = cluster.get(&["pods", "-n", "shop", "-l", "job-name=report"]);
+        list["items"].as_array()?.first()?["metadata"]["name"]
+            .as_str()
+            .map(str::to_string)
+    });
+    let stored = cluster.get(&["pod", &pod, "-n", "shop"]);
+    assert_eq!(
+        names(&stored["spec"]["initContainers"]),
+        ["wary-init", "wary-proxy"],
+        "{stored:#}"
+    );
+    assert_eq!(stored["spec"]["initContainers"][1]["restartPolicy"], "Always");
+
+    node.run_pod(&cluster, "shop", &pod, dir.path());
+    let running = node.pods().len() - 1;
+    let phase = node.finish_pod(&cluster, running);
+    assert_eq!(phase, "Succeeded", "{}", node.pods()[running].log("wary-proxy"));
+    wait_for("the Job to be Complete", POD_DEADLINE, || {
+        let job = cluster.get(&["job", "report", "-n", "shop"]);
+        job["status"]["conditions"]
+            .as_array()?
+            .iter()
+            .any(|c| c["type"] == "Complete" && c["status"] == "True")
+            .then_some(())
+    });
+}
