@@ -270,3 +270,7 @@ tool (
 	k8s.io/kubernetes/cmd/kube-controller-manager
 	k8s.io/kubernetes/cmd/kubectl
 )
+
+// Not built: the Gateway API's standard CRDs, which the tests install beside Wary's
+// from the module cache (`go mod download -json sigs.k8s.io/gateway-api`).
+require sigs.k8s.io/gateway-api v1.6.3

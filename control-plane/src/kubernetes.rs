@@ -462,9 +462,11 @@ fn workload_spec(pod: &Pod) -> Option<WorkloadSpec> {
 }
 
 /// Recomputes and publishes whenever the cluster changes: `debounce` after the last
-/// event (at most [`crate::config_watch::MAX_DEBOUNCE`] after the first). Runs until
+/// event (at most [`crate::config_watch::MAX_DEBOUNCE`] after the first), then writes
+/// each policy object's `Accepted` condition ([`crate::policy_status`]). Runs until
 /// the process ends.
 pub async fn run(
+    client: Client,
     stores: Stores,
     changed: Arc<Notify>,
     snapshots: watch::Sender<Arc<Snapshot>>,
@@ -475,6 +477,9 @@ pub async fn run(
     loop {
         let (docs, errors) = stores.documents(&mut last_good);
         publish(&docs, errors, OnConflict::LeaveOut, "kubernetes", &snapshots, &status);
+        // Each policy object's Accepted condition says what /config says of it.
+        let errors = status.borrow().errors.clone();
+        crate::policy_status::write(&client, &stores, &errors).await;
         changed.notified().await;
         let started = tokio::time::Instant::now();
         while started.elapsed() < crate::config_watch::MAX_DEBOUNCE

@@ -31,6 +31,7 @@ pub mod kubernetes;
 pub mod local;
 pub mod metrics;
 pub mod policy;
+pub mod policy_status;
 pub mod resources;
 pub mod snapshot;
 pub mod source;

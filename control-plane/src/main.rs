@@ -364,12 +364,12 @@ async fn main() -> anyhow::Result<()> {
             changed,
         } => (
             "kubernetes".to_string(),
-            Arc::new(identity::TokenReviews(client)),
+            Arc::new(identity::TokenReviews(client.clone())),
             Arc::new({
                 let stores = stores.clone();
                 move |ns: &str| stores.namespace_labels(ns)
             }),
-            tokio::spawn(kubernetes::run(stores, changed, snapshots, status, debounce)),
+            tokio::spawn(kubernetes::run(client, stores, changed, snapshots, status, debounce)),
         ),
     };
 

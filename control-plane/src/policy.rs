@@ -68,6 +68,43 @@ impl TargetRef {
 }
 
 // ---------------------------------------------------------------------------------
+// Status, written by the control plane in a cluster
+// ---------------------------------------------------------------------------------
+
+/// What the control plane says of a policy object in a cluster (`kubectl get` shows
+/// its `Accepted` column). Written only by the control plane, on the `status`
+/// subresource; local mode reports the same on `/config`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyStatus {
+    /// One condition today, `Accepted`, as Gateway API resources report it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<PolicyCondition>,
+}
+
+/// A condition of a policy object (the shape of Kubernetes' `metav1.Condition`).
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyCondition {
+    /// `Accepted`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True` (in force) or `False`.
+    pub status: String,
+    /// `Accepted`, `Invalid` (the control plane refused this version: the last valid
+    /// one, if any, stays in force) or `Conflicted` (another object claims the same
+    /// thing: this one is left out).
+    pub reason: String,
+    /// What was found, each problem as `<field>: <reason>`.
+    pub message: String,
+    /// The `metadata.generation` this condition describes.
+    #[serde(default)]
+    pub observed_generation: i64,
+    /// When `status` last changed (RFC 3339).
+    pub last_transition_time: String,
+}
+
+// ---------------------------------------------------------------------------------
 // TrafficPolicy
 // ---------------------------------------------------------------------------------
 
@@ -79,11 +116,13 @@ impl TargetRef {
     group = "policy.wary.io",
     version = "v1alpha1",
     kind = "TrafficPolicy",
+    status = "PolicyStatus",
     namespaced,
     shortname = "tp",
     printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.targetRef.name"}"#,
     printcolumn = r#"{"name":"Balancer","type":"string","jsonPath":".spec.loadBalancer.algorithm"}"#,
     printcolumn = r#"{"name":"Attempts","type":"integer","jsonPath":".spec.retries.attempts"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -380,10 +419,12 @@ fn positive(d: &Option<Duration>, path: &str, errors: &mut Vec<FieldError>) {
     group = "policy.wary.io",
     version = "v1alpha1",
     kind = "AuthorizationPolicy",
+    status = "PolicyStatus",
     namespaced,
     shortname = "authz",
     printcolumn = r#"{"name":"Action","type":"string","jsonPath":".spec.action"}"#,
     printcolumn = r#"{"name":"Service","type":"string","jsonPath":".spec.targetRef.name"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -600,9 +641,11 @@ fn check_pattern(value: &str, path: &str, errors: &mut Vec<FieldError>) {
     group = "policy.wary.io",
     version = "v1alpha1",
     kind = "MeshConfig",
+    status = "PolicyStatus",
     printcolumn = r#"{"name":"Trust domain","type":"string","jsonPath":".spec.trustDomain"}"#,
     printcolumn = r#"{"name":"mTLS","type":"string","jsonPath":".spec.mtls.mode"}"#,
     printcolumn = r#"{"name":"Default policy","type":"string","jsonPath":".spec.defaultInboundPolicy"}"#,
+    printcolumn = r#"{"name":"Accepted","type":"string","jsonPath":".status.conditions[?(@.type==\"Accepted\")].status"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]

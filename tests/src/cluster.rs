@@ -57,6 +57,31 @@ pub fn pinned(module: &str) -> String {
         .to_string()
 }
 
+/// The Gateway API's standard CRDs (`config/crd/standard/*.yaml`) at the version
+/// `kube/go.mod` pins, from the Go module cache (downloaded there if missing).
+pub fn gateway_api_crds() -> Vec<PathBuf> {
+    let out = Command::new("go")
+        .current_dir(workspace_root().join("kube"))
+        .args(["mod", "download", "-json", "sigs.k8s.io/gateway-api"])
+        .output()
+        .expect("run go mod download");
+    assert!(
+        out.status.success(),
+        "go mod download sigs.k8s.io/gateway-api: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: serde_json::Value = serde_json::from_slice(&out.stdout).expect("go mod download -json");
+    let dir = PathBuf::from(info["Dir"].as_str().expect("Dir")).join("config/crd/standard");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "yaml") && !p.ends_with("kustomization.yaml"))
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no CRDs in {}", dir.display());
+    files
+}
+
 /// A running cluster (no kubelet: tests play it). Stopped, by PID, on drop.
 pub struct Cluster {
     child: Child,

@@ -257,8 +257,26 @@ struct OnNode {
 /// runs them there; returns once the EndpointSlice controller lists them all ready and
 /// the node routes the Services' ClusterIPs to them.
 fn install(tag: &str, dir: &Path, replicas: usize) -> OnNode {
+    install_with(tag, dir, replicas, false)
+}
+
+/// [`install`], with the Gateway API's standard CRDs installed first when
+/// `gateway_api` (the control plane must start cleanly with them and without).
+fn install_with(tag: &str, dir: &Path, replicas: usize, gateway_api: bool) -> OnNode {
     let mut node = Node::new(tag);
     let cluster = node.start_cluster(dir);
+    if gateway_api {
+        for crd in cluster::gateway_api_crds() {
+            let yaml = std::fs::read_to_string(&crd).expect("a Gateway API CRD");
+            cluster
+                .apply(&yaml)
+                .unwrap_or_else(|e| panic!("apply {}: {e}", crd.display()));
+        }
+        for kind in ["gateways", "httproutes", "grpcroutes"] {
+            let name = format!("crd/{kind}.gateway.networking.k8s.io");
+            cluster.kubectl(&["wait", "--for=condition=Established", &name, "--timeout=60s"]);
+        }
+    }
     let chart = root().join("charts/wary");
     let replicas_value = format!("controlPlane.replicas={replicas}");
     cluster
@@ -344,7 +362,8 @@ fn app_pod(namespace: &str, name: &str) -> String {
 }
 
 /// The chart's control plane runs (two replicas, as a kubelet would run them, in pods
-/// of their own with the chart's arguments, mounts, user and service-account token);
+/// of their own with the chart's arguments, mounts, user and service-account token;
+/// the Gateway API's standard CRDs installed beside Wary's);
 /// the real EndpointSlice controller publishes them; the API server calls their webhook
 /// over TLS with the chart's `caBundle` when a pod is created in an injected namespace,
 /// and stores what it returns. With the webhook down, `failurePolicy` decides.
@@ -354,11 +373,26 @@ fn the_api_server_calls_the_chart_s_webhook_and_stores_injected_pods() {
         return;
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    let OnNode { cluster, mut node } = install("hook", dir.path(), 2);
+    // With the Gateway API's CRDs beside Wary's (the other tests run without them).
+    let OnNode { cluster, mut node } = install_with("hook", dir.path(), 2, true);
     let chart = root().join("charts/wary");
     let chart = chart.to_str().unwrap();
     // One CA for both replicas: the first made the Secret, the other read it.
     cluster.get(&["secret", "wary-ca", "-n", "wary-system"]);
+    let logs: Vec<String> = node.pods().iter().map(|p| p.log("control-plane")).collect();
+    let created = logs
+        .iter()
+        .filter(|l| l.contains("created a new mesh CA and stored it in its Secret"))
+        .count();
+    let used = logs
+        .iter()
+        .filter(|l| l.contains("using the mesh CA from its Secret"))
+        .count();
+    assert_eq!(
+        (created, used),
+        (1, 1),
+        "one replica must make the CA and the other use it:\n{logs:#?}"
+    );
 
     // An injected namespace: the stored pod has the init step, the native sidecar and
     // its probes moved to the proxy.
@@ -500,12 +534,24 @@ spec:
     )
 }
 
+/// AuthorizationPolicy `name` (namespace shop)'s `Accepted` condition, once it
+/// describes the object's current generation.
+fn accepted(cluster: &Cluster, name: &str) -> Option<Value> {
+    let policy = cluster.get(&["authorizationpolicy", name, "-n", "shop"]);
+    let condition = policy["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == "Accepted")?;
+    (condition["observedGeneration"] == policy["metadata"]["generation"]).then(|| condition.clone())
+}
+
 /// The whole path on a real API server: pods injected by the chart's webhook run with
 /// their init step's iptables rules and the proxy beside the app; the proxies prove who
 /// they are with TokenRequest tokens the control plane checks with TokenReview; a plain
 /// request to a Service's name crosses both proxies over mTLS and the backend sees the
 /// caller's SPIFFE ID; policies applied to the API server reach the proxies, and one
-/// the schema accepts but Wary refuses keeps the last good version in force, and says why.
+/// the schema accepts but Wary refuses keeps the last good version in force, and says
+/// why on `/config` and in its own `Accepted` condition.
 #[test]
 fn injected_pods_talk_over_mtls_and_follow_policies_applied_to_the_api_server() {
     if cluster::skip("injected_pods_talk_over_mtls_and_follow_policies_applied_to_the_api_server") {
@@ -564,6 +610,18 @@ fn injected_pods_talk_over_mtls_and_follow_policies_applied_to_the_api_server() 
     });
     assert!(why.contains("is not a SPIFFE ID"), "{why}");
     assert_eq!(call(&mut node).0, 403, "a refused policy replaced the last good one");
+    // ...and so does the object's own status, which `kubectl get` shows.
+    let refused = wait_for("Accepted=False on the refused policy", POD_DEADLINE, || {
+        accepted(&cluster, "backend-callers").filter(|c| c["status"] == "False")
+    });
+    assert_eq!(refused["reason"], "Invalid", "{refused}");
+    let message = refused["message"].as_str().unwrap();
+    assert!(
+        message.contains("is not a SPIFFE ID") && message.contains("the last valid version stays in force"),
+        "{message}"
+    );
+    let table = cluster.kubectl(&["get", "authorizationpolicies", "-n", "shop"]);
+    assert!(table.contains("ACCEPTED") && table.contains("False"), "{table}");
 
     // Corrected, it is in force again.
     cluster
@@ -571,6 +629,9 @@ fn injected_pods_talk_over_mtls_and_follow_policies_applied_to_the_api_server() 
         .unwrap();
     wait_for("the backend's proxy to let the client in", POD_DEADLINE, || {
         (call(&mut node).0 == 200).then_some(())
+    });
+    wait_for("Accepted=True on the corrected policy", POD_DEADLINE, || {
+        accepted(&cluster, "backend-callers").filter(|c| c["status"] == "True" && c["reason"] == "Accepted")
     });
 }
 
