@@ -29,6 +29,9 @@ pub const MAX_DEBOUNCE: Duration = Duration::from_secs(1);
 /// (the directory deleted and recreated, inotify overflow) heals itself: 30 s.
 pub const RESYNC: Duration = Duration::from_secs(30);
 
+/// Said of an object a conflict left out (`policy_status` reads it as `Conflicted`).
+pub const LEFT_OUT: &str = "(left out; the rest is served)";
+
 /// The state of the configuration, served as JSON on the admin `/config` page.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct ConfigStatus {
@@ -181,7 +184,7 @@ pub fn publish(
     let mut computed = resources::compute(documents);
     if let (Err(conflicts), OnConflict::LeaveOut) = (&computed, on_conflict) {
         let out: std::collections::HashSet<&std::path::Path> = conflicts.iter().map(|e| e.file.as_path()).collect();
-        errors.extend(conflicts.iter().map(|e| format!("{e} (left out; the rest is served)")));
+        errors.extend(conflicts.iter().map(|e| format!("{e} {LEFT_OUT}")));
         let kept: Vec<crate::source::Document> = documents
             .iter()
             .filter(|d| !out.contains(d.origin.file.as_path()))

@@ -103,17 +103,22 @@ pub const NATIVE_SIDECARS_SINCE: (u32, u32) = (1, 29);
 
 impl NativeSidecars {
     /// The decision for an API server reporting `major`.`minor` (as `/version` does:
-    /// `"1"`, `"29+"` on some providers); `None` (version unknown) counts as native,
-    /// since every supported release has them.
+    /// `"1"`, `"29+"` on some providers). A version that cannot be read counts as too
+    /// old: the regular layout works everywhere, a native sidecar on a kubelet without
+    /// them is an init container that never ends. `None` (no API server: `wary
+    /// inject`, local mode) counts as native.
     pub fn native(self, version: Option<(&str, &str)>) -> bool {
         match self {
             NativeSidecars::True => true,
             NativeSidecars::False => false,
             NativeSidecars::Auto => {
                 let number = |s: &str| s.trim_end_matches(|c: char| !c.is_ascii_digit()).parse::<u32>().ok();
-                match version.and_then(|(major, minor)| Some((number(major)?, number(minor)?))) {
-                    Some(v) => v >= NATIVE_SIDECARS_SINCE,
+                match version {
                     None => true,
+                    Some((major, minor)) => match (number(major), number(minor)) {
+                        (Some(major), Some(minor)) => (major, minor) >= NATIVE_SIDECARS_SINCE,
+                        _ => false,
+                    },
                 }
             }
         }
@@ -635,8 +640,11 @@ mod tests {
         assert!(auto.native(Some(("1", "30+"))), "a provider's 30+ is 30");
         assert!(!auto.native(Some(("1", "28"))));
         assert!(!auto.native(Some(("1", "27+"))));
-        assert!(auto.native(None), "unknown counts as native");
-        assert!(auto.native(Some(("1", "x"))), "unreadable counts as unknown");
+        assert!(auto.native(None), "no API server to ask: native");
+        assert!(
+            !auto.native(Some(("1", "x"))),
+            "an unreadable version counts as too old"
+        );
         assert!(!NativeSidecars::False.native(Some(("1", "37"))));
         assert!(NativeSidecars::True.native(Some(("1", "20"))));
     }

@@ -269,6 +269,8 @@ pub fn documents(
         });
     }
 
+    // Objects seen now: the last good version of a deleted object is forgotten.
+    let mut seen: std::collections::HashSet<String> = std::collections::HashSet::new();
     let mut policy = |kind: &str,
                       ns: String,
                       name: String,
@@ -276,6 +278,7 @@ pub fn documents(
                       body: Body,
                       problems: Vec<crate::policy::FieldError>| {
         let key = format!("{kind}/{ns}/{name}");
+        seen.insert(key.clone());
         let doc = Document {
             origin: origin(kind, &ns, &name),
             name,
@@ -335,6 +338,7 @@ pub fn documents(
             problems,
         );
     }
+    last_good.0.retain(|key, _| seen.contains(key));
     // Documents in a stable order, so the same cluster always computes the same thing.
     docs.sort_by(|a, b| (a.body.kind(), &a.namespace, &a.name).cmp(&(b.body.kind(), &b.namespace, &b.name)));
     (docs, errors)
@@ -474,12 +478,16 @@ pub async fn run(
     debounce: Duration,
 ) {
     let mut last_good = LastGood::default();
+    // Each policy object's Accepted condition says what /config says of it; written by
+    // a task of its own, so a slow API server never holds up what proxies are sent.
+    let (problems, problems_rx) = watch::channel(Vec::new());
+    tokio::spawn(crate::policy_status::run(client, stores.clone(), problems_rx));
     loop {
         let (docs, errors) = stores.documents(&mut last_good);
         publish(&docs, errors, OnConflict::LeaveOut, "kubernetes", &snapshots, &status);
-        // Each policy object's Accepted condition says what /config says of it.
-        let errors = status.borrow().errors.clone();
-        crate::policy_status::write(&client, &stores, &errors).await;
+        // Sent on every pass (not only when different): a new object needs its status
+        // even when the errors are unchanged.
+        problems.send_replace(status.borrow().errors.clone());
         changed.notified().await;
         let started = tokio::time::Instant::now();
         while started.elapsed() < crate::config_watch::MAX_DEBOUNCE

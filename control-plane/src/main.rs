@@ -337,8 +337,9 @@ async fn main() -> anyhow::Result<()> {
             match client.apiserver_version().await {
                 Ok(info) => Some((info.major, info.minor)),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot read the API server's version: injecting native sidecars");
-                    None
+                    // Unknown counts as too old (see NativeSidecars::native).
+                    tracing::warn!(error = %e, "cannot read the API server's version: injecting the proxy as a regular container");
+                    Some((String::new(), String::new()))
                 }
             }
         }

@@ -1,18 +1,22 @@
 //! Each policy object's `Accepted` condition, written to its `status` in a cluster so
 //! `kubectl get trafficpolicies` (and `describe`) says whether the control plane took
-//! it, and if not, why — the same problems `/config` lists.
+//! it, and if not, why: the problems `/config` lists for it.
 //!
-//! After every publish the control plane compares, for each TrafficPolicy,
-//! AuthorizationPolicy and MeshConfig it sees, the condition it would write with the
-//! one the object carries, and patches only those that differ. Replicas write the same
-//! thing (the transition time is kept while the status holds), so two of them do not
-//! fight; a write that fails (e.g. RBAC without `patch` on `<kind>/status`) is logged
-//! and retried on the next change.
+//! A task of its own ([`run`]) compares, after every publish, the condition it would
+//! write for each TrafficPolicy, AuthorizationPolicy and MeshConfig with the one the
+//! object carries, and patches only those that differ. The condition depends only on
+//! the object (its problems and generation), never on what this process saw before,
+//! so replicas write the same thing and never undo each other; the transition time is
+//! kept while the status holds. A write that fails (RBAC without `patch` on
+//! `<kind>/status`, a timeout) is logged and retried after [`RETRY`].
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use kube::api::{Api, Patch, PatchParams};
+use kube::core::object::HasStatus;
 use kube::{Client, Resource, ResourceExt};
+use tokio::sync::watch;
 
 use crate::kubernetes::Stores;
 use crate::policy::{PolicyCondition, PolicyStatus};
@@ -23,14 +27,25 @@ pub const ACCEPTED: &str = "Accepted";
 /// The longest message written (Kubernetes allows 32 KiB; a screenful is enough).
 const MAX_MESSAGE: usize = 4096;
 
+/// How long one status write may take before it counts as failed.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long after a failed write the statuses are written again.
+pub const RETRY: Duration = Duration::from_secs(5);
+
+/// What an `Invalid` condition adds to the problems (the same on every replica).
+const KEPT: &str = "the control plane keeps this object's last valid version, if it saw one, in force";
+
 /// The problems of each object, from the published errors (`kubernetes:<Kind>/<ns>/<name>:
 /// <problem>`, or `kubernetes:<Kind>/<name>: ...` for cluster-scoped kinds), by that
-/// `<Kind>/<ns>/<name>` (`<Kind>/<name>` when cluster-scoped).
+/// `<Kind>/<ns>/<name>` (`<Kind>/<name>` when cluster-scoped). Whether this process
+/// holds an earlier valid version is left out: it differs between replicas.
 fn problems_by_object(errors: &[String]) -> HashMap<&str, Vec<&str>> {
     let mut out: HashMap<&str, Vec<&str>> = HashMap::new();
     for e in errors {
         if let Some(rest) = e.strip_prefix("kubernetes:")
             && let Some((object, problem)) = rest.split_once(": ")
+            && !problem.contains("(no earlier valid version)")
         {
             out.entry(object).or_default().push(problem);
         }
@@ -38,16 +53,16 @@ fn problems_by_object(errors: &[String]) -> HashMap<&str, Vec<&str>> {
     out
 }
 
-/// The condition the control plane holds for an object with `problems`, at
-/// `generation`, keeping `current`'s transition time while the status is unchanged.
+/// The condition for an object with `problems`, at `generation`, keeping `current`'s
+/// transition time while the status is unchanged.
 fn condition(problems: Option<&Vec<&str>>, generation: i64, current: Option<&PolicyCondition>) -> PolicyCondition {
     let (status, reason, message) = match problems {
         None => ("True", "Accepted", "in force".to_string()),
         Some(problems) => {
-            let conflicted = problems.iter().any(|p| p.contains("(left out; the rest is served)"));
+            let conflicted = problems.iter().any(|p| p.contains(crate::config_watch::LEFT_OUT));
             let mut message = problems.join("; ");
-            if !conflicted && !problems.iter().any(|p| p.contains("no earlier valid version")) {
-                message.push_str("; the last valid version stays in force");
+            if !conflicted {
+                message = format!("{message}; {KEPT}");
             }
             if message.len() > MAX_MESSAGE {
                 let mut cut = MAX_MESSAGE;
@@ -74,68 +89,70 @@ fn condition(problems: Option<&Vec<&str>>, generation: i64, current: Option<&Pol
     }
 }
 
-/// Now, as RFC 3339 in UTC with seconds (what `metav1.Time` holds).
+/// Now, as RFC 3339 in UTC with whole seconds (what `metav1.Time` holds).
 fn now_rfc3339() -> String {
-    time::OffsetDateTime::now_utc()
-        .replace_nanosecond(0)
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
+    let now = time::OffsetDateTime::now_utc();
+    let now = now.replace_nanosecond(0).unwrap_or(now);
+    now.format(&time::format_description::well_known::Rfc3339)
+        .expect("a UTC time formats as RFC 3339")
+}
+
+/// Writes the statuses each time `problems` (the latest publish's errors) is sent,
+/// and again [`RETRY`] after a pass in which a write failed. Runs until the sender
+/// is dropped.
+pub async fn run(client: Client, stores: Stores, mut problems: watch::Receiver<Vec<String>>) {
+    loop {
+        let errors = problems.borrow_and_update().clone();
+        let failed = write(&client, &stores, &errors).await;
+        let next = if failed {
+            tokio::time::timeout(RETRY, problems.changed()).await.unwrap_or(Ok(()))
+        } else {
+            problems.changed().await
+        };
+        if next.is_err() {
+            return;
+        }
+    }
 }
 
 /// Writes the `Accepted` condition of every policy object in `stores` whose status
-/// differs from what `errors` (the latest publish's) say.
-pub async fn write(client: &Client, stores: &Stores, errors: &[String]) {
+/// differs from what `errors` say. True when a write failed.
+pub async fn write(client: &Client, stores: &Stores, errors: &[String]) -> bool {
     let problems = problems_by_object(errors);
-    let namespaced = |ns: &str| Api::namespaced(client.clone(), ns);
-    sync(&stores.traffic.state(), "TrafficPolicy", &problems, namespaced).await;
-    let namespaced = |ns: &str| Api::namespaced(client.clone(), ns);
-    sync(
+    // One closure per kind: `Api::namespaced` is typed by the kind.
+    let traffic = |ns: &str| Api::namespaced(client.clone(), ns);
+    let authorization = |ns: &str| Api::namespaced(client.clone(), ns);
+    let mut failed = sync(&stores.traffic.state(), "TrafficPolicy", &problems, traffic).await;
+    failed |= sync(
         &stores.authorization.state(),
         "AuthorizationPolicy",
         &problems,
-        namespaced,
+        authorization,
     )
     .await;
-    sync(&stores.mesh.state(), "MeshConfig", &problems, |_: &str| {
+    failed |= sync(&stores.mesh.state(), "MeshConfig", &problems, |_: &str| {
         Api::all(client.clone())
     })
     .await;
-}
-
-/// The policy kinds: each carries a [`PolicyStatus`].
-trait HasPolicyStatus {
-    fn policy_status(&self) -> Option<&PolicyStatus>;
-}
-
-impl HasPolicyStatus for crate::policy::TrafficPolicy {
-    fn policy_status(&self) -> Option<&PolicyStatus> {
-        self.status.as_ref()
-    }
-}
-
-impl HasPolicyStatus for crate::policy::AuthorizationPolicy {
-    fn policy_status(&self) -> Option<&PolicyStatus> {
-        self.status.as_ref()
-    }
-}
-
-impl HasPolicyStatus for crate::policy::MeshConfig {
-    fn policy_status(&self) -> Option<&PolicyStatus> {
-        self.status.as_ref()
-    }
+    failed
 }
 
 /// Patches the status of each of `objects` whose condition differs; `api` gives the
-/// API of an object's namespace (`""` when cluster-scoped).
+/// API of an object's namespace (`""` when cluster-scoped). True when a write failed.
 async fn sync<K>(
     objects: &[std::sync::Arc<K>],
     kind: &str,
     problems: &HashMap<&str, Vec<&str>>,
     api: impl Fn(&str) -> Api<K>,
-) where
-    K: Resource<DynamicType = ()> + HasPolicyStatus + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+) -> bool
+where
+    K: Resource<DynamicType = ()>
+        + HasStatus<Status = PolicyStatus>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug,
 {
+    let mut failed = false;
     for object in objects {
         let (ns, name) = (object.namespace().unwrap_or_default(), object.name_any());
         let key = if ns.is_empty() {
@@ -144,7 +161,7 @@ async fn sync<K>(
             format!("{kind}/{ns}/{name}")
         };
         let current = object
-            .policy_status()
+            .status()
             .and_then(|s| s.conditions.iter().find(|c| c.type_ == ACCEPTED));
         let generation = object.meta().generation.unwrap_or(0);
         let want = condition(problems.get(key.as_str()), generation, current);
@@ -152,16 +169,29 @@ async fn sync<K>(
             continue;
         }
         let patch = serde_json::json!({"status": {"conditions": [want]}});
-        match api(&ns)
-            .patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-        {
-            Ok(_) => tracing::info!(object = %key, accepted = %want.status, reason = %want.reason, "wrote its status"),
-            Err(e) => {
-                tracing::warn!(object = %key, error = %e, "cannot write its status (RBAC: patch on its status subresource); retried on the next change")
+        let api = api(&ns);
+        let written = tokio::time::timeout(
+            WRITE_TIMEOUT,
+            api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&patch)),
+        )
+        .await;
+        match written {
+            Ok(Ok(_)) => {
+                tracing::info!(object = %key, accepted = %want.status, reason = %want.reason, "wrote its status")
+            }
+            // Deleted meanwhile: nothing to say.
+            Ok(Err(kube::Error::Api(e))) if e.code == 404 => {}
+            Ok(Err(e)) => {
+                failed = true;
+                tracing::warn!(object = %key, error = %e, retry_in_s = RETRY.as_secs(), "cannot write its status (the chart's RBAC lets the control plane patch <kind>/status)");
+            }
+            Err(_) => {
+                failed = true;
+                tracing::warn!(object = %key, timeout_s = WRITE_TIMEOUT.as_secs(), retry_in_s = RETRY.as_secs(), "writing its status timed out");
             }
         }
     }
+    failed
 }
 
 #[cfg(test)]
@@ -172,7 +202,7 @@ mod tests {
     fn problems_are_found_by_object_and_conditions_say_them() {
         let errors = vec![
             "kubernetes:AuthorizationPolicy/shop/callers: spec.rules[0].from[0].source.principals[0]: \"x\" is not a SPIFFE ID".to_string(),
-            "kubernetes:TrafficPolicy/shop/two: targets orders, as TrafficPolicy/shop/one does (left out; the rest is served)".to_string(),
+            format!("kubernetes:TrafficPolicy/shop/two: targets orders, as TrafficPolicy/shop/one does {}", crate::config_watch::LEFT_OUT),
             "kubernetes:MeshConfig/mesh: spec.trustDomain: bad".to_string(),
             "kubernetes:MeshConfig/mesh: not in force until it is fixed (no earlier valid version)".to_string(),
             "some other error".to_string(),
@@ -189,21 +219,15 @@ mod tests {
             ),
             ("False", "Invalid", 3)
         );
-        assert!(
-            invalid.message.contains("is not a SPIFFE ID")
-                && invalid.message.ends_with("the last valid version stays in force")
-        );
+        assert!(invalid.message.contains("is not a SPIFFE ID") && invalid.message.ends_with(KEPT));
 
         let conflicted = condition(by.get("TrafficPolicy/shop/two"), 1, None);
         assert_eq!(conflicted.reason, "Conflicted");
-        assert!(!conflicted.message.contains("last valid"));
+        assert!(!conflicted.message.contains(KEPT));
 
-        let never_valid = condition(by.get("MeshConfig/mesh"), 1, None);
-        assert!(
-            !never_valid.message.contains("last valid version stays"),
-            "{}",
-            never_valid.message
-        );
+        // What this process happened to see is not in the condition: replicas agree.
+        let mesh = condition(by.get("MeshConfig/mesh"), 1, None);
+        assert_eq!(mesh.message, format!("spec.trustDomain: bad; {KEPT}"));
 
         let ok = condition(None, 4, None);
         assert_eq!((ok.status.as_str(), ok.reason.as_str()), ("True", "Accepted"));

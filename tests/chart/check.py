@@ -86,6 +86,9 @@ def main():
     hooks = [d for d in docs if d["kind"] == "MutatingWebhookConfiguration"][0]["webhooks"]
     if any(h["failurePolicy"] != "Fail" for h in hooks):
         problems.append("values-ha.yaml did not set failurePolicy: Fail")
+    deployment = [d for d in docs if d["kind"] == "Deployment"][0]
+    if deployment["spec"].get("strategy", {}).get("rollingUpdate", {}).get("maxSurge") != 0:
+        problems.append("values-ha.yaml (one replica per node) must roll out with maxSurge: 0, or a rollout waits forever")
     _, kinds = kinds_of({"metrics": {"podMonitor": {"enabled": True, "labels": {"release": "prometheus"}}}})
     if kinds.count("PodMonitor") != 2:
         problems.append(f"metrics.podMonitor.enabled rendered {kinds.count('PodMonitor')} PodMonitors, not 2")

@@ -110,6 +110,9 @@ impl Cluster {
         if let Some(address) = address {
             cmd.arg(address.to_string());
         }
+        // A process group of its own: etcd, the API server and the controller manager
+        // can be stopped together if the script cannot stop them.
+        std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
         let mut child = cmd
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
@@ -304,7 +307,8 @@ impl Cluster {
 impl Drop for Cluster {
     /// Closes `scripts/kube up`'s stdin, which stops the controller manager, the API
     /// server and etcd by PID, and waits for it (at most 40 s: each gets 10 s before
-    /// SIGKILL), killing the script itself after that.
+    /// SIGKILL), then kills whatever is left of its process group. (If the test process
+    /// itself is killed, the closed stdin still stops them.)
     fn drop(&mut self) {
         drop(self.stdin.take());
         let deadline = Instant::now() + Duration::from_secs(40);
@@ -314,7 +318,8 @@ impl Drop for Cluster {
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        let _ = self.child.kill();
+        let group = format!("-{}", self.child.id());
+        let _ = Command::new("kill").args(["-KILL", "--", &group]).status();
         let _ = self.child.wait();
     }
 }

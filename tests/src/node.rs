@@ -139,6 +139,7 @@ impl Node {
     /// A node netns named `wary-node-<pid>-<tag>` with `lo` up and a bridge at
     /// [`NODE_IP`]/24.
     pub fn new(tag: &str) -> Node {
+        sweep_stale_namespaces();
         let netns = format!("wary-node-{}-{tag}", std::process::id());
         let node = Node {
             netns: netns.clone(),
@@ -299,7 +300,8 @@ impl Node {
                     .push((c["name"].as_str().unwrap().into(), child, true));
                 wait_ready(&self.netns, c, ip, &log);
             } else {
-                let status = child.wait().expect("wait for an init container");
+                let what = format!("init container {} of {namespace}/{name} to finish", c["name"]);
+                let status = wait_for(&what, POD_DEADLINE, || child.try_wait().expect("wait"));
                 assert!(
                     status.success(),
                     "init container {} of {namespace}/{name} failed: {status}\n{}",
@@ -374,10 +376,12 @@ impl Node {
                     s["metadata"]["namespace"] == ns && s["metadata"]["labels"]["kubernetes.io/service-name"] == name
                 });
                 let target = slices.find_map(|slice| {
+                    // An unnamed port is "" in a slice and absent in its Service.
+                    let named = |v: &Value| v.as_str().unwrap_or("").to_string();
                     let port = slice["ports"]
                         .as_array()?
                         .iter()
-                        .find(|p| p["name"] == port["name"] || p["name"].is_null())?;
+                        .find(|p| named(&p["name"]) == named(&port["name"]))?;
                     let ep = slice["endpoints"]
                         .as_array()?
                         .iter()
@@ -404,8 +408,9 @@ impl Node {
     /// Runs pod `index` to its end, as a kubelet does for `restartPolicy: Never`: waits
     /// for its containers to exit, then stops its native sidecars (SIGTERM, in reverse
     /// order, SIGKILL after 30 s), and reports the pod `Succeeded` (every container
-    /// exited 0) or `Failed`, with each container's exit code. Returns the phase.
-    pub fn finish_pod(&mut self, cluster: &Cluster, index: usize) -> String {
+    /// exited 0) or `Failed`, with each container's exit code. Returns the phase and
+    /// every container's exit code (143: a sidecar that ended on SIGTERM).
+    pub fn finish_pod(&mut self, cluster: &Cluster, index: usize) -> (String, BTreeMap<String, i32>) {
         let pod = &mut self.pods[index];
         let mut exits: BTreeMap<String, i32> = BTreeMap::new();
         let (sidecars, containers): (Vec<_>, Vec<_>) = pod.processes.iter_mut().partition(|(_, _, sidecar)| *sidecar);
@@ -473,7 +478,7 @@ impl Node {
             "-p",
             &status.to_string(),
         ]);
-        phase.to_string()
+        (phase.to_string(), exits)
     }
 
     /// The pods this node runs.
@@ -513,6 +518,22 @@ impl Drop for Node {
             let _ = Command::new("ip").args(["netns", "delete", ns]).status();
             let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(ns));
         }
+    }
+}
+
+/// Deletes the namespaces (and their `/etc/netns` entries) of test processes that are
+/// gone: a test killed by a timeout never runs its `Drop`.
+fn sweep_stale_namespaces() {
+    for entry in std::fs::read_dir("/run/netns").into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name.strip_prefix("wary-node-").and_then(|r| r.split('-').next()) else {
+            continue;
+        };
+        if Path::new("/proc").join(pid).exists() {
+            continue;
+        }
+        let _ = Command::new("ip").args(["netns", "delete", &name]).status();
+        let _ = std::fs::remove_dir_all(Path::new("/etc/netns").join(&name));
     }
 }
 
@@ -683,14 +704,22 @@ fn start_container(
         .open(log)
         .expect("container log");
     let name = c["name"].as_str().unwrap();
+    for unsupported in ["envFrom", "workingDir", "lifecycle"] {
+        assert!(
+            c.get(unsupported).is_none(),
+            "the test kubelet does not support {unsupported} (container {name})"
+        );
+    }
+    // The image's binary (or the one a command names by its in-image path), reached
+    // through /mnt/bin: the container's own mounts (an emptyDir at /tmp) could hide
+    // the build directory it lives in.
     let mut argv: Vec<String> = match c["command"].as_array() {
         Some(cmd) => cmd.iter().map(|a| a.as_str().unwrap().to_string()).collect(),
-        None => vec![image_binary(c["image"].as_str().unwrap()).to_str().unwrap().to_string()],
+        None => vec![c["image"].as_str().unwrap().to_string()],
     };
-    if c["command"].is_array() {
-        // The image's binary in place of a command naming it by its in-image path.
-        argv[0] = image_binary(&argv[0]).to_str().unwrap().to_string();
-    }
+    let binary = image_binary(&argv[0]);
+    let (bin_dir, bin_name) = (binary.parent().unwrap(), binary.file_name().unwrap().to_str().unwrap());
+    argv[0] = format!("/mnt/bin/{bin_name}");
     argv.extend(
         c["args"]
             .as_array()
@@ -709,7 +738,11 @@ fn start_container(
         let value = match (e["value"].as_str(), e["valueFrom"]["fieldRef"]["fieldPath"].as_str()) {
             (Some(v), _) => expand(v, &env),
             (None, Some(path)) => field(pod, path, Some(ip)),
-            (None, None) => continue,
+            (None, None) if e.get("valueFrom").is_none() => String::new(),
+            (None, None) => panic!(
+                "the test kubelet does not support {} (container {name})",
+                e["valueFrom"]
+            ),
         };
         env.push((e["name"].as_str().unwrap().into(), value));
     }
@@ -717,7 +750,10 @@ fn start_container(
         *arg = expand(arg, &env);
     }
 
-    let mut script = String::from("set -e\n");
+    let mut script = format!(
+        "set -e\nmount -t tmpfs wary-test-bin /mnt\nmkdir /mnt/bin\nmount --bind '{}' /mnt/bin\n",
+        bin_dir.display()
+    );
     // A mount over a directory that holds volumes (an emptyDir at /tmp, where the test's
     // directory is) goes last, or it would hide the others' sources.
     let mut mounts: Vec<&Value> = c["volumeMounts"].as_array().into_iter().flatten().collect();
@@ -726,6 +762,10 @@ fn start_container(
         volumes.values().any(|source| source.starts_with(target))
     });
     for m in mounts {
+        assert!(
+            m.get("subPath").is_none(),
+            "the test kubelet does not support subPath (container {name})"
+        );
         let source = &volumes[m["name"].as_str().unwrap()];
         let target = m["mountPath"].as_str().unwrap();
         script.push_str(&format!(
@@ -797,11 +837,12 @@ fn wait_ready(node_netns: &str, c: &Value, ip: Ipv4Addr, log: &Path) {
         let log = std::fs::read_to_string(log).unwrap_or_default();
         let tail: Vec<&str> = log.lines().rev().take(30).collect();
         let tail: Vec<&str> = tail.into_iter().rev().collect();
-        panic!(
-            "{}\nits log ends:\n{}",
-            e.downcast_ref::<String>().cloned().unwrap_or_default(),
-            tail.join("\n")
-        );
+        let why = e
+            .downcast_ref::<String>()
+            .cloned()
+            .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+            .unwrap_or_default();
+        panic!("{why}\nits log ends:\n{}", tail.join("\n"));
     }
 }
 

@@ -303,7 +303,7 @@ fn the_images_run_a_mesh_under_podman() {
         // The init step, from the proxy's image, in the proxy's network namespace: root
         // with NET_ADMIN and NET_RAW only, as the injector runs it.
         let netns = format!("container:{name}");
-        let init = podman.ok(&[
+        let init = podman.run(&[
             "run",
             "--rm",
             "--network",
@@ -320,7 +320,15 @@ fn the_images_run_a_mesh_under_podman() {
             "--proxy-uid",
             "2102",
         ]);
-        assert!(!init.contains("error"), "{init}");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&init.stdout),
+            String::from_utf8_lossy(&init.stderr)
+        );
+        assert!(
+            init.status.success() && said.contains("installed the iptables rules"),
+            "{said}"
+        );
     }
     // The backend app, from the CLI's image, in the backend's network namespace.
     podman.ok(&[
@@ -386,6 +394,8 @@ fn the_images_run_a_mesh_under_podman() {
         assert!(eff.ends_with("0000000000000000"), "{eff}");
     }
     // No shell in any image.
-    let shell = podman.run(&["run", "--rm", "--entrypoint", "/bin/sh", &proxy, "-c", "true"]);
-    assert!(!shell.status.success(), "the proxy image has a shell");
+    for name in ["wary-proxy", "wary-control-plane", "wary"] {
+        let shell = podman.run(&["run", "--rm", "--entrypoint", "/bin/sh", &image(name), "-c", "true"]);
+        assert!(!shell.status.success(), "{name}'s image has a shell");
+    }
 }
