@@ -206,45 +206,15 @@ fn the_images_run_a_mesh_under_podman() {
     std::fs::write(config.join("mesh.yaml"), mesh_yaml()).unwrap();
     let ca_volume = format!("{}:/ca", ca.display());
     let cp = image("wary-control-plane");
-    podman.ok(&[
-        "run",
-        "--rm",
-        "--read-only",
-        "-v",
-        &ca_volume,
-        &cp,
-        "ca",
-        "init",
-        "--ca-dir",
-        "/ca",
-    ]);
-    let anchors = podman.ok(&[
-        "run",
-        "--rm",
-        "--read-only",
-        "-v",
-        &ca_volume,
-        &cp,
-        "ca",
-        "bundle",
-        "--ca-dir",
-        "/ca",
-    ]);
-    let token = |workload: &str| {
-        podman.ok(&[
-            "run",
-            "--rm",
-            "--read-only",
-            "-v",
-            &ca_volume,
-            &cp,
-            "token",
-            "--workload",
-            workload,
-            "--ca-dir",
-            "/ca",
-        ])
+    // The control plane's own subcommands, from its image, on the CA directory.
+    let control_plane = |args: &[&str]| {
+        let mut run = vec!["run", "--rm", "--read-only", "-v", &ca_volume, &cp];
+        run.extend_from_slice(args);
+        podman.ok(&run)
     };
+    control_plane(&["ca", "init", "--ca-dir", "/ca"]);
+    let anchors = control_plane(&["ca", "bundle", "--ca-dir", "/ca"]);
+    let token = |workload: &str| control_plane(&["token", "--workload", workload, "--ca-dir", "/ca"]);
 
     let config_volume = format!("{}:/config:ro", config.display());
     podman.ok(&[

@@ -146,18 +146,7 @@ impl Node {
             "podIP": ip.to_string(), "podIPs": [{"ip": ip.to_string()}],
             "conditions": [{"type": "PodScheduled", "status": "True"}],
         }});
-        cluster.kubectl(&[
-            "patch",
-            "pod",
-            name,
-            "-n",
-            namespace,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &pending.to_string(),
-        ]);
-        let mut statuses = BTreeMap::new();
+        patch_status(cluster, namespace, name, &pending);
         // Init containers in order: each runs to completion, except native sidecars
         // (restartPolicy: Always), which start and stay.
         for c in spec["initContainers"].as_array().into_iter().flatten() {
@@ -188,7 +177,6 @@ impl Node {
         }
         for c in spec["containers"].as_array().expect("containers") {
             wait_ready(&self.netns, c, ip, &running.log_path(c["name"].as_str().unwrap()));
-            statuses.insert(c["name"].as_str().unwrap().to_string(), c["image"].clone());
         }
         let now = "2026-01-01T00:00:00Z";
         let condition = |t: &str| json!({"type": t, "status": "True", "lastTransitionTime": now});
@@ -206,17 +194,7 @@ impl Node {
             "containerStatuses": spec["containers"].as_array().unwrap().iter().map(container_status).collect::<Vec<_>>(),
             "initContainerStatuses": spec["initContainers"].as_array().into_iter().flatten().map(container_status).collect::<Vec<_>>(),
         }});
-        cluster.kubectl(&[
-            "patch",
-            "pod",
-            name,
-            "-n",
-            namespace,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &status.to_string(),
-        ]);
+        patch_status(cluster, namespace, name, &status);
         self.pods.push(running);
         self.pods.last_mut().unwrap()
     }
@@ -283,19 +261,26 @@ impl Node {
             "containerStatuses": spec["spec"]["containers"].as_array().unwrap().iter().map(terminated).collect::<Vec<_>>(),
             "initContainerStatuses": spec["spec"]["initContainers"].as_array().into_iter().flatten().map(terminated).collect::<Vec<_>>(),
         }});
-        cluster.kubectl(&[
-            "patch",
-            "pod",
-            &pod.name,
-            "-n",
-            &pod.namespace,
-            "--subresource=status",
-            "--type=merge",
-            "-p",
-            &status.to_string(),
-        ]);
+        patch_status(cluster, &pod.namespace, &pod.name, &status);
         (phase.to_string(), exits)
     }
+}
+
+/// Patches pod `namespace/name`'s status (`{"status": ...}`, merged), as a kubelet
+/// reports it.
+fn patch_status(cluster: &Cluster, namespace: &str, name: &str, status: &Value) {
+    let patch = status.to_string();
+    cluster.kubectl(&[
+        "patch",
+        "pod",
+        name,
+        "-n",
+        namespace,
+        "--subresource=status",
+        "--type=merge",
+        "-p",
+        &patch,
+    ]);
 }
 
 /// A container's image as the workspace binary it names (`.../wary-proxy:<tag>` is
