@@ -330,20 +330,23 @@ async fn main() -> anyhow::Result<()> {
         snapshots.subscribe(),
     ));
     // The injected layout follows the API server's version (native sidecars from 1.29).
-    let api_server_version = match &source {
-        Source::Kubernetes { client, .. }
-            if args.webhook.webhook_addr.is_some() && args.webhook.native_sidecars == NativeSidecars::Auto =>
-        {
+    let setting = args.webhook.native_sidecars;
+    let native_sidecar = match &source {
+        Source::Kubernetes { client, .. } if args.webhook.webhook_addr.is_some() && setting == NativeSidecars::Auto => {
             match client.apiserver_version().await {
-                Ok(info) => Some((info.major, info.minor)),
+                Ok(info) => {
+                    let native = setting.native(Some((&info.major, &info.minor)));
+                    tracing::info!(native, api_server = %info.git_version, "the injected proxy's layout");
+                    native
+                }
                 Err(e) => {
-                    // Unknown counts as too old (see NativeSidecars::native).
+                    // Unknown counts as too old: the regular layout works everywhere.
                     tracing::warn!(error = %e, "cannot read the API server's version: injecting the proxy as a regular container");
-                    Some((String::new(), String::new()))
+                    false
                 }
             }
         }
-        _ => None,
+        _ => setting.native(None),
     };
     let (where_from, verifier, namespace_labels, watch_task): (
         String,
@@ -420,15 +423,6 @@ async fn main() -> anyhow::Result<()> {
             })?;
             let bound = listener.local_addr()?;
             let defaults = wary_control_plane::inject::InjectConfig::default();
-            let native_sidecar = w
-                .native_sidecars
-                .native(api_server_version.as_ref().map(|(a, b)| (a.as_str(), b.as_str())));
-            tracing::info!(
-                native_sidecar,
-                setting = ?w.native_sidecars,
-                api_server = ?api_server_version,
-                "the injected proxy's layout"
-            );
             let webhook = wary_control_plane::webhook::Webhook {
                 config: wary_control_plane::inject::InjectConfig {
                     image: w.proxy_image.clone().unwrap_or(defaults.image.clone()),

@@ -146,10 +146,6 @@ impl Cluster {
         cluster
     }
 
-    pub fn kubeconfig(&self) -> &Path {
-        &self.kubeconfig
-    }
-
     /// The API server's port (from the kubeconfig).
     pub fn api_port(&self) -> u16 {
         let config = std::fs::read_to_string(&self.kubeconfig).expect("kubeconfig");

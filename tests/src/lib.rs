@@ -56,7 +56,8 @@ fn ensure_built() {
     });
 }
 
-pub(crate) fn workspace_root() -> PathBuf {
+/// The workspace's root directory (where `Cargo.toml`, `charts/` and `scripts/` are).
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("workspace root")

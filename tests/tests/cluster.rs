@@ -7,6 +7,7 @@ use std::path::Path;
 use serde_json::Value;
 use wary_tests::cluster::{self, Cluster};
 use wary_tests::node::{Node, POD_DEADLINE, wait_for};
+use wary_tests::workspace_root;
 
 const CRDS: [&str; 3] = [
     "trafficpolicies.policy.wary.io",
@@ -14,14 +15,10 @@ const CRDS: [&str; 3] = [
     "meshconfigs.policy.wary.io",
 ];
 
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root")
-}
-
 /// The chart as it was at `rev`, unpacked under `dir`.
 fn chart_at(rev: &str, dir: &Path) -> std::path::PathBuf {
     let archive = std::process::Command::new("git")
-        .current_dir(root())
+        .current_dir(workspace_root())
         .args(["archive", "--format=tar", rev, "charts/wary"])
         .output()
         .expect("git archive");
@@ -54,7 +51,7 @@ fn numbers_as_f64(value: &Value) -> Value {
 }
 
 fn read(path: &str) -> String {
-    std::fs::read_to_string(root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+    std::fs::read_to_string(workspace_root().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
 }
 
 /// What `kubectl get` shows of the quickstart's custom resources, without what the
@@ -127,7 +124,7 @@ fn the_chart_installs_upgrades_from_0_1_0_uninstalls_and_installs_again() {
         .helm(&[
             "upgrade",
             "wary",
-            root().join("charts/wary").to_str().unwrap(),
+            workspace_root().join("charts/wary").to_str().unwrap(),
             "-n",
             "wary-system",
         ])
@@ -229,7 +226,7 @@ fn the_chart_installs_upgrades_from_0_1_0_uninstalls_and_installs_again() {
         .helm(&[
             "install",
             "wary",
-            root().join("charts/wary").to_str().unwrap(),
+            workspace_root().join("charts/wary").to_str().unwrap(),
             "-n",
             "wary-system",
         ])
@@ -277,7 +274,7 @@ fn install_with(tag: &str, dir: &Path, replicas: usize, gateway_api: bool) -> On
             cluster.kubectl(&["wait", "--for=condition=Established", &name, "--timeout=60s"]);
         }
     }
-    let chart = root().join("charts/wary");
+    let chart = workspace_root().join("charts/wary");
     let replicas_value = format!("controlPlane.replicas={replicas}");
     cluster
         .helm(&[
@@ -375,7 +372,7 @@ fn the_api_server_calls_the_chart_s_webhook_and_stores_injected_pods() {
     let dir = tempfile::tempdir().expect("tempdir");
     // With the Gateway API's CRDs beside Wary's (the other tests run without them).
     let OnNode { cluster, mut node } = install_with("hook", dir.path(), 2, true);
-    let chart = root().join("charts/wary");
+    let chart = workspace_root().join("charts/wary");
     let chart = chart.to_str().unwrap();
     // One CA for both replicas: the first made the Secret, the other read it.
     cluster.get(&["secret", "wary-ca", "-n", "wary-system"]);

@@ -6,18 +6,15 @@
 //! network; its storage, run state and network configuration live in the test's
 //! directory.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 use std::time::Duration;
 
 use wary_tests::node::wait_for;
+use wary_tests::workspace_root;
 
 const VERSION: &str = env!("CARGO_PKG_VERSION");
 const SUBNET: &str = "10.89.7";
-
-fn root() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root")
-}
 
 /// The `docker load`-able archive of the images: `WARY_IMAGES` (set by scripts/test
 /// after `scripts/images`), else built now with `scripts/images`.
@@ -25,11 +22,11 @@ fn archive() -> PathBuf {
     if let Some(path) = std::env::var_os("WARY_IMAGES") {
         return PathBuf::from(path);
     }
-    let status = Command::new(root().join("scripts/images"))
+    let status = Command::new(workspace_root().join("scripts/images"))
         .status()
         .expect("run scripts/images");
     assert!(status.success(), "scripts/images failed");
-    root().join("target/images/wary-images.tar")
+    workspace_root().join("target/images/wary-images.tar")
 }
 
 /// Podman, confined to a network namespace and a directory of the test's own.

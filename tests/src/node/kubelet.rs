@@ -54,14 +54,6 @@ impl RunningPod {
             .output()
             .expect("ip netns exec")
     }
-
-    /// Whether container `name` is still running.
-    pub fn running(&mut self, name: &str) -> bool {
-        self.processes
-            .iter_mut()
-            .find(|(n, _, _)| n == name)
-            .is_some_and(|(_, c, _)| matches!(c.try_wait(), Ok(None)))
-    }
 }
 
 impl Drop for RunningPod {
